@@ -154,3 +154,15 @@ def make_reporter(progress: Any) -> Callable[[Event], None] | None:
     from ._errors import BadArgument
 
     raise BadArgument("progress", f"one of {', '.join(PROGRESS_MODES)} or False", repr(progress))
+
+
+def show_predictions(data: Any, outputs: Any, *, classes: bool, mode: str = "auto") -> None:
+    """A compact view of predictions in a widget front-end; nothing elsewhere (the tensor itself
+    is the cell's result)."""
+    if mode == "text" or (mode == "auto" and not _in_widget_frontend()):
+        return
+    try:
+        from ._widget import show_predictions as show
+    except ImportError:
+        return
+    show(data, outputs, classes=classes, mode=mode)

@@ -1,0 +1,292 @@
+"""`%aiaas` / `%%aiaas`: a thin router over the Python API.
+
+The magic splits the line, evaluates MODEL and DATA in the user's namespace (falling back to the
+built-in models and data sets), and calls `aiaas_lab.train` / `aiaas_lab.predict`. Every user
+mistake surfaces as an IPython `UsageError`: one paragraph, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import builtins
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from traitlets import Enum, Unicode
+
+from ._api import predict, train
+from ._datasets import BUILTIN_DATASETS
+from ._engine import DEVICES, LOSSES, OPTIMIZERS
+from ._errors import AiaasError, close_matches
+from ._models import BUILTIN_MODELS
+
+__all__ = ["AiaasMagics", "split_arguments"]
+
+_OPENERS = {"(": ")", "[": "]", "{": "}"}
+
+
+def split_arguments(text: str) -> list[str]:
+    """Split on whitespace outside brackets and quotes, so `--data (X, y[:100])` stays whole."""
+    tokens: list[str] = []
+    current: list[str] = []
+    stack: list[str] = []
+    quote: str | None = None
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if quote:
+            current.append(ch)
+            if ch == "\\" and i + 1 < len(text):
+                current.append(text[i + 1])
+                i += 1
+            elif text.startswith(quote, i):
+                current.extend(quote[1:])
+                i += len(quote) - 1
+                quote = None
+        elif ch in "\"'":
+            quote = ch * 3 if text.startswith(ch * 3, i) else ch
+            current.append(quote)
+            i += len(quote) - 1
+        elif ch in _OPENERS:
+            stack.append(_OPENERS[ch])
+            current.append(ch)
+        elif ch in ")]}":
+            if stack and stack[-1] == ch:
+                stack.pop()
+            current.append(ch)
+        elif ch.isspace() and not stack:
+            if current:
+                tokens.append("".join(current))
+                current = []
+        else:
+            current.append(ch)
+        i += 1
+    if quote or stack:
+        raise UsageError(f"unbalanced {'quote' if quote else 'bracket'} in: {text.strip()}")
+    if current:
+        tokens.append("".join(current))
+    return tokens
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message}. See %aiaas {self.prog.split()[-1]} --help.")
+
+
+def _train_parser() -> _Parser:
+    p = _Parser(prog="%aiaas train", add_help=False,
+                description="Train MODEL on DATA and return a TrainResult. MODEL and DATA are Python "
+                f"expressions, or built-ins: models {', '.join(BUILTIN_MODELS)}; data {', '.join(BUILTIN_DATASETS)}.")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--data", required=True, metavar="DATA", help="(X, y), a DataFrame (with --target), a Dataset, a DataLoader or a built-in")
+    p.add_argument("--val", metavar="DATA|FRACTION", help="validation data, or a fraction to hold out (stratified for classes)")
+    p.add_argument("--target", metavar="COLUMN", help="target column of a DataFrame")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, help="learning rate (default: sgd 0.01, adam/adamw 0.001)")
+    p.add_argument("--optimizer", default="adam", help=f"one of {', '.join(OPTIMIZERS)}")
+    p.add_argument("--loss", default="auto", help=f"one of {', '.join(LOSSES)}")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-accum", type=int, default=1, metavar="K", help="accumulate gradients over K batches per step")
+    p.add_argument("--clip", type=float, help="clip the gradient norm to this value")
+    p.add_argument("--patience", type=int, help="stop early after N epochs without val_loss improvement")
+    p.add_argument("--normalize", action="store_true", help="standardise features with training-split statistics")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)}")
+    p.add_argument("--threads", type=int, help="torch threads while training (default: torch's)")
+    p.add_argument("--checkpoint", metavar="DIR", help="save a safetensors checkpoint each epoch")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint DIR")
+    p.add_argument("--workers", type=int, default=1, help="data-parallel processes (torch.distributed)")
+    p.add_argument("--shard", action="store_true", help="shard the model across workers (FSDP)")
+    p.add_argument("--background", action="store_true", help="return a handle at once; training continues")
+    p.add_argument("--backend", metavar="URL", help="train on a remote aiaas-lab server")
+    p.add_argument("--name", help="model name to register on the server")
+    p.add_argument("--no-widget", action="store_true", help="text progress instead of the widget")
+    p.add_argument("-o", dest="output", metavar="NAME", help="also store the result in this variable")
+    return p
+
+
+def _predict_parser() -> _Parser:
+    p = _Parser(prog="%aiaas predict", add_help=False,
+                description="Run MODEL (an nn.Module, a TrainResult or a server model's name) on DATA.")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--data", required=True, metavar="X")
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--classes", action="store_true", help="return class indices instead of scores")
+    p.add_argument("--backend", metavar="URL", help="predict on a remote V2 inference server")
+    p.add_argument("--no-widget", action="store_true", help="no rich view of the predictions")
+    p.add_argument("-o", dest="output", metavar="NAME", help="also store the result in this variable")
+    return p
+
+
+def _group(tokens: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """Re-join the tokens of one option's value (`--data X + 1`) and pass values as `--opt=value`,
+    so an expression that starts with '-' is never mistaken for an option."""
+    flags = {s for a in parser._actions if a.nargs == 0 for s in a.option_strings}
+    options = {s for a in parser._actions for s in a.option_strings}
+    argv: list[str] = []
+    pending: str | None = None
+    values: list[str] = []
+
+    def flush() -> None:
+        nonlocal pending, values
+        if pending is not None:
+            argv.append(f"{pending}={' '.join(values)}" if values else pending)
+        pending, values = None, []
+
+    for token in tokens:
+        name = token.split("=", 1)[0]
+        if token.startswith("-") and (name in options or (token.startswith("--") and name[2:3].isalpha())):
+            flush()
+            if "=" in token or name in flags:
+                argv.append(token)
+            else:
+                pending = token
+        elif pending is not None:
+            values.append(token)
+        else:
+            argv.append(token)
+    flush()
+    return argv
+
+
+_HELP = """%aiaas train MODEL --data DATA [options]   train, with live progress
+%aiaas predict MODEL --data X [--classes]   run a model
+%aiaas connect URL [--token T]              use a remote aiaas-lab server for later commands
+%aiaas jobs | attach JOB_ID | cancel JOB_ID | models   remote jobs and models
+
+%aiaas train --help and %aiaas predict --help list the options."""
+
+
+@magics_class
+class AiaasMagics(Magics):
+    display = Enum(["auto", "widget", "html", "text"], default_value="auto", config=True,
+                   help="How training progress is shown: auto-detect, the live widget, static HTML, or text.")
+    backend = Unicode(None, allow_none=True, config=True,
+                      help="Default server URL for --backend (set by %aiaas connect).")
+
+    @line_cell_magic
+    def aiaas(self, line: str, cell: str | None = None) -> Any:
+        text = line if cell is None else f"{line} {' '.join(cell.split())}"
+        tokens = split_arguments(text)
+        if not tokens or tokens[0] in ("-h", "--help", "help"):
+            print(_HELP)
+            return None
+        command, args = tokens[0], tokens[1:]
+        handler = getattr(self, f"_cmd_{command}", None)
+        if handler is None:
+            commands = [n[5:] for n in dir(self) if n.startswith("_cmd_")]
+            raise UsageError(f"%aiaas: unknown command {command!r}; expected one of {', '.join(commands)}. "
+                             + close_matches(command, commands))
+        try:
+            return handler(args)
+        except AiaasError as exc:
+            raise UsageError(str(exc)) from None
+
+    # -- resolving names --------------------------------------------------------------------
+
+    def _evaluate(self, expr: str, argument: str, builtins_: tuple[str, ...] = ()) -> Any:
+        namespace = self.shell.user_ns if self.shell is not None else {}
+        try:
+            return eval(compile(expr, f"<{argument}>", "eval"), namespace)  # noqa: S307 - the user's own code
+        except NameError as exc:
+            if expr in builtins_:
+                return expr
+            missing = getattr(exc, "name", None) or expr
+            names = [n for n in namespace if not n.startswith("_")] + list(builtins_)
+            hint = close_matches(missing, names)
+            if builtins_:
+                hint = (hint + " " if hint else "") + f"Built-ins: {', '.join(builtins_)}."
+            raise UsageError(f"{argument}: expected a defined name or expression, but {missing!r} is not defined. {hint}".strip()) from None
+        except SyntaxError as exc:
+            raise UsageError(f"{argument}: expected a Python expression, but found {expr!r} ({exc.msg}).") from None
+        except Exception as exc:
+            raise UsageError(f"{argument}: evaluating {expr!r} raised {type(exc).__name__}: {exc}") from None
+
+    def _parse(self, parser: _Parser, args: list[str]) -> argparse.Namespace | None:
+        if "-h" in args or "--help" in args:
+            print(parser.format_help())
+            return None
+        return parser.parse_args(_group(args, parser))
+
+    def _progress(self, no_widget: bool) -> str:
+        return "text" if no_widget else self.display
+
+    def _store(self, name: str | None, value: Any) -> None:
+        if name:
+            if not name.isidentifier():
+                raise UsageError(f"-o: expected a variable name, but found {name!r}.")
+            self.shell.user_ns[name] = value
+
+    # -- commands ---------------------------------------------------------------------------
+
+    def _cmd_train(self, args: list[str]) -> Any:
+        opts = self._parse(_train_parser(), args)
+        if opts is None:
+            return None
+        model = self._evaluate(opts.model, "MODEL", BUILTIN_MODELS)
+        data = self._evaluate(opts.data, "--data", BUILTIN_DATASETS)
+        val: Any = None
+        if opts.val is not None:
+            try:
+                val = float(ast.literal_eval(opts.val))
+            except (ValueError, SyntaxError, TypeError):
+                val = self._evaluate(opts.val, "--val")
+        result = train(
+            model, data, val=val, target=opts.target, epochs=opts.epochs, batch_size=opts.batch_size,
+            lr=opts.lr, optimizer=opts.optimizer, loss=opts.loss, weight_decay=opts.weight_decay,
+            grad_accum=opts.grad_accum, clip=opts.clip, patience=opts.patience, normalize=opts.normalize,
+            seed=opts.seed, device=opts.device, threads=opts.threads, checkpoint=opts.checkpoint,
+            resume=opts.resume, workers=opts.workers, shard=opts.shard, background=opts.background,
+            backend=opts.backend or self.backend, name=opts.name,
+            progress=self._progress(opts.no_widget))
+        if isinstance(model, str) and not opts.background and getattr(result, "model", None) is not None:
+            # A built-in trained by name stays reachable by that name, so the next line can be
+            # `%aiaas predict mlp --data ...`.
+            self.shell.user_ns[model] = result.model
+        self._store(opts.output, result)
+        return result
+
+    def _cmd_predict(self, args: list[str]) -> Any:
+        opts = self._parse(_predict_parser(), args)
+        if opts is None:
+            return None
+        backend = opts.backend or self.backend
+        try:
+            model = self._evaluate(opts.model, "MODEL")
+        except UsageError:
+            if backend is None or not opts.model.replace("-", "_").replace(".", "_").isidentifier():
+                raise
+            model = opts.model  # a model name on the server
+        data = self._evaluate(opts.data, "--data", BUILTIN_DATASETS)
+        out = predict(model, data, batch_size=opts.batch_size, classes=opts.classes, backend=backend)
+        self._store(opts.output, out)
+        if not opts.no_widget and self.display != "text":
+            from ._progress import show_predictions
+
+            show_predictions(data, out, classes=opts.classes, mode=self.display)
+        return out
+
+    # -- the remote backend: connect, jobs, attach, cancel, models -------------------------
+
+    def _remote(self, command: str, args: list[str]) -> Any:
+        from ._remote_magic import run_remote_command
+
+        return run_remote_command(self, command, args)
+
+    def _cmd_connect(self, args: list[str]) -> Any:
+        return self._remote("connect", args)
+
+    def _cmd_jobs(self, args: list[str]) -> Any:
+        return self._remote("jobs", args)
+
+    def _cmd_attach(self, args: list[str]) -> Any:
+        return self._remote("attach", args)
+
+    def _cmd_cancel(self, args: list[str]) -> Any:
+        return self._remote("cancel", args)
+
+    def _cmd_models(self, args: list[str]) -> Any:
+        return self._remote("models", args)
