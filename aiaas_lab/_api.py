@@ -295,13 +295,13 @@ def train_local(model: Any, data: Any, cfg: TrainConfig, *, val: Any = None, tar
                 callbacks: Iterable[Callable[[Event], None]] = (), stop: StopSignal | None = None,
                 name: str | None = None, shard: bool = False) -> TrainResult:
     module, prepared, _ = prepare_run(model, data, cfg, val=val, target=target, normalize=normalize)
-    subscribers = [s for s in [make_reporter(progress), *callbacks] if s is not None]
+    stop = stop or StopSignal()
+    subscribers = [s for s in [make_reporter(progress, stop), *callbacks] if s is not None]
 
     def emit(event: Event) -> None:
         for subscriber in subscribers:
             subscriber(event)
 
-    stop = stop or StopSignal()
     run_id = uuid.uuid4().hex[:12]
     previous_threads = torch.get_num_threads()
     if threads:

@@ -135,8 +135,10 @@ def _in_widget_frontend() -> bool:
     return shell is not None and getattr(shell, "kernel", None) is not None
 
 
-def make_reporter(progress: Any) -> Callable[[Event], None] | None:
-    """A subscriber for `progress`: "auto", "widget", "html", "text", False, or a callable."""
+def make_reporter(progress: Any, stop: Any = None) -> Callable[[Event], None] | None:
+    """A subscriber for `progress`: "auto", "widget", "html", "text", False, or a callable.
+
+    `stop` is the run's StopSignal, for reporters that offer a Stop button."""
     if progress is False or progress is None:
         return None
     if callable(progress):
@@ -148,7 +150,7 @@ def make_reporter(progress: Any) -> Callable[[Event], None] | None:
             from ._widget import make_widget_reporter
         except ImportError:  # the widget front-end is optional; text always works
             return TextProgress()
-        return make_widget_reporter(mode=progress)
+        return make_widget_reporter(mode=progress, stop=stop)
     if progress == "text":
         return TextProgress()
     from ._errors import BadArgument
