@@ -100,12 +100,14 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
 def _batches(data: InMemory | DataLoader, batch_size: int, seed: int, epoch: int,
              device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     if isinstance(data, InMemory):
-        # One gather per epoch, then contiguous slices: per-sample indexing and collation
-        # (what a DataLoader does) costs a third of the throughput of a small model.
+        # One index_select per batch on a shuffled index: per-sample indexing and collation
+        # (what a DataLoader does) costs a third of a small model's throughput, and gathering
+        # the whole set at once (X[perm]) writes a full copy through memory every epoch; a
+        # batch-sized gather stays in cache and measured 2-3x cheaper here.
         perm = epoch_permutation(len(data), seed, epoch).to(data.X.device)
-        X, y = data.X[perm], data.y[perm]
+        y = data.y[perm]
         for start in range(0, len(data), batch_size):
-            yield X[start:start + batch_size], y[start:start + batch_size]
+            yield data.X.index_select(0, perm[start:start + batch_size]), y[start:start + batch_size]
     else:
         for xb, yb in data:
             yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
