@@ -190,6 +190,9 @@ def fit(model: nn.Module, data: Prepared, cfg: TrainConfig, emit: Callable[[Even
     try:
         model.train()
         for epoch_index in range(start_epoch, cfg.epochs):
+            if stop.is_set():  # asked between epochs: stop before the next one takes a step
+                status, reason = "stopped", getattr(stop, "reason", "") or "stop requested"
+                break
             epoch_t0 = time.perf_counter()
             epoch_samples = 0
             # Running sums stay on the device; they reach Python once per log interval.

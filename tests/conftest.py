@@ -27,8 +27,13 @@ class Execution:
 
 
 class KernelSession:
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, manager: Any = None) -> None:
         self.client = client
+        self.manager = manager
+
+    def interrupt(self) -> None:
+        """What the notebook's Interrupt button (or Ctrl-C) does: SIGINT to the kernel."""
+        self.manager.interrupt_kernel()
 
     def run(self, code: str, timeout: float = 120.0, on_message: Any = None) -> Execution:
         """Execute `code` and collect its outputs until the kernel is idle again."""
@@ -80,7 +85,7 @@ def kernel() -> Any:
     from jupyter_client.manager import start_new_kernel
 
     km, kc = start_new_kernel(kernel_name="python3")
-    session = KernelSession(kc)
+    session = KernelSession(kc, km)
     try:
         session.check("%load_ext aiaas_lab", timeout=120)
         yield session
