@@ -75,7 +75,7 @@ class TrainResult:
 
     def _summary(self) -> str:
         epochs = len(self.history)
-        line = f"TrainResult: {self.status}, {epochs} epoch{'s' if epochs != 1 else ''} in {self.seconds:.1f} s"
+        line = f"TrainResult: {self.status}, {epochs} epoch{'s' if epochs != 1 else ''} in {self.seconds:.{2 if self.seconds < 10 else 1}f} s"
         if self.reason:
             line += f" ({self.reason})"
         return line

@@ -32,7 +32,7 @@ def synthetic_mnist(
     """An MNIST-shaped set (n x side*side floats in [0, 1], `classes` labels), deterministic in `seed`.
 
     Each class is drawn from a few "writing styles": smooth stroke-like templates made of
-    Gaussian blobs along a random curve. Samples get a random shift, stroke intensity and pixel
+    Gaussian blobs along a random curve. Samples get a random one-pixel shift, stroke intensity and pixel
     noise, so a linear model does well but not perfectly and an MLP does better: learnable,
     never trivial.
     """
@@ -56,15 +56,15 @@ def synthetic_mnist(
     y = torch.randint(0, classes, (n,), generator=g)
     style = torch.randint(0, styles, (n,), generator=g)
     X = templates[y, style]  # n x side x side
-    # Shift by up to 2 pixels in each direction, in a few groups to keep this fast.
-    shifts = torch.randint(-2, 3, (n, 2), generator=g)
-    for dy in range(-2, 3):
-        for dx in range(-2, 3):
+    # Shift by up to a pixel in each direction, in a few groups to keep this fast.
+    shifts = torch.randint(-1, 2, (n, 2), generator=g)
+    for dy in range(-1, 2):
+        for dx in range(-1, 2):
             mask = (shifts[:, 0] == dy) & (shifts[:, 1] == dx)
             if mask.any():
                 X[mask] = torch.roll(X[mask], shifts=(dy, dx), dims=(1, 2))
     intensity = 0.6 + 0.4 * torch.rand(n, 1, 1, generator=g)
-    X = X * intensity + 0.25 * torch.randn(n, side, side, generator=g)
+    X = X * intensity + 0.2 * torch.randn(n, side, side, generator=g)
     X = X.clamp_(0.0, 1.0).reshape(n, side * side)
     assert math.isqrt(X.shape[1]) == side
     return X.contiguous(), y
