@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from ._api import StopSignal, TrainResult, predict, train
+from ._client import AsyncClient, Client
 from ._errors import AiaasError, BadArgument
 from ._events import (
     CheckpointSaved,
@@ -38,6 +39,8 @@ __all__ = [
     "event_from_dict",
     "event_from_json",
     "TextProgress",
+    "Client",
+    "AsyncClient",
     "load_ipython_extension",
     "unload_ipython_extension",
 ]
