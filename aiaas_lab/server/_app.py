@@ -1,0 +1,94 @@
+"""The ASGI application: routes, middleware, error handling and the executor's lifetime."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ._auth import AuthMiddleware
+from ._blobs import Blobs
+from ._executor import Executor, JobSignals
+from ._http import ApiError, error_response
+from ._limits import BodyLimitMiddleware
+from ._registry import Registry
+from ._routes import v1_routes
+from ._store import Store
+from ._v2 import v2_routes
+
+__all__ = ["ServerConfig", "create_app"]
+
+
+@dataclass
+class ServerConfig:
+    data_dir: Path
+    tokens: dict[str, str] = field(default_factory=dict)  # token -> tenant; empty only with --insecure
+    max_jobs: int = 2
+    max_upload_mb: float = 256
+    allow_code: bool = False
+    threads_per_job: int = 0  # 0: the cores shared out among max_jobs
+    keepalive_s: float = 15.0
+
+    def threads(self) -> int:
+        return self.threads_per_job or max(1, (os.cpu_count() or 1) // self.max_jobs)
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.status, exc.message, exc.headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    messages = {404: f"no endpoint {request.url.path[:100]}", 405: f"{request.method} is not allowed on {request.url.path[:100]}"}
+    return error_response(exc.status_code, messages.get(exc.status_code, str(exc.detail)), exc.headers)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    print(f"aiaas-lab serve: unexpected {type(exc).__name__} on {request.method} {request.url.path}: {exc}",
+          file=sys.stderr)
+    return error_response(500, "the server failed to handle this request; its log has the details")
+
+
+def create_app(config: ServerConfig) -> Starlette:
+    data_dir = Path(config.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    jobs_dir = data_dir / "jobs"
+    jobs_dir.mkdir(exist_ok=True)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        state = app.state
+        state.store = Store(data_dir / "aiaas.sqlite3")
+        state.registry = Registry(state.store, jobs_dir, config.allow_code)
+        state.executor = Executor(state.store, state.blobs, jobs_dir, state.signals, max_jobs=config.max_jobs,
+                                  threads_per_job=config.threads(), allow_code=config.allow_code,
+                                  on_model=state.registry.invalidate)
+        await state.executor.start()
+        try:
+            yield
+        finally:
+            await state.executor.stop()
+            state.store.close()
+
+    app = Starlette(
+        routes=v1_routes() + v2_routes(),
+        middleware=[Middleware(AuthMiddleware, tokens=config.tokens),
+                    Middleware(BodyLimitMiddleware, max_bytes=int(config.max_upload_mb * 2**20))],
+        exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _unexpected},
+        lifespan=lifespan,
+    )
+    app.state.config = config
+    app.state.jobs_dir = jobs_dir
+    app.state.blobs = Blobs(data_dir / "blobs")
+    app.state.signals = JobSignals()
+    return app

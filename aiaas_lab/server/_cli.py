@@ -1,0 +1,79 @@
+"""`aiaas-lab serve`: parse the options, refuse to run unauthenticated by accident, start uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+from pathlib import Path
+
+__all__ = ["serve_main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aiaas-lab serve",
+        description="Serve remote training jobs (/v1) and trained models over the Open Inference Protocol (/v2).")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one and prints it)")
+    parser.add_argument("--data-dir", default="aiaas-data", type=Path,
+                        help="where jobs, events, models and uploads are kept (default ./aiaas-data)")
+    parser.add_argument("--token", action="append", default=[], metavar="TOKEN",
+                        help="a bearer token clients must send (repeatable); these tokens share one tenant")
+    parser.add_argument("--tokens-file", type=Path, metavar="FILE",
+                        help="a file of 'TOKEN TENANT' lines; each tenant sees only its own jobs, data and models")
+    parser.add_argument("--max-jobs", type=int, default=2, metavar="N", help="training jobs run at once (default 2)")
+    parser.add_argument("--max-upload-mb", type=float, default=256, metavar="N",
+                        help="largest request body in MB (default 256); larger ones get 413")
+    parser.add_argument("--allow-code", action="store_true",
+                        help="accept models sent as code (cloudpickle): clients can then run any code on this machine")
+    parser.add_argument("--insecure", action="store_true", help="serve without any token (trusted machines only)")
+    return parser
+
+
+def serve_main(argv: list[str]) -> int:
+    parser = _parser()
+    opts = parser.parse_args(argv)
+    from ._auth import DEFAULT_TENANT, load_tokens_file
+
+    tokens = {token: DEFAULT_TENANT for token in opts.token}
+    if opts.tokens_file is not None:
+        try:
+            tokens.update(load_tokens_file(opts.tokens_file))
+        except (OSError, ValueError) as exc:
+            parser.error(f"--tokens-file: {exc}")
+    if any(not token for token in tokens):
+        parser.error("--token: a token cannot be empty")
+    if not tokens and not opts.insecure:
+        parser.error("no token given, and the server will not run without authentication by accident; pass "
+                     "--token TOKEN or --tokens-file FILE (or --insecure on a trusted machine)")
+    if opts.max_jobs < 1:
+        parser.error(f"--max-jobs: expected a whole number >= 1, but found {opts.max_jobs}")
+    if not opts.max_upload_mb > 0:
+        parser.error(f"--max-upload-mb: expected a number > 0, but found {opts.max_upload_mb}")
+
+    import torch
+    import uvicorn
+
+    from ._app import ServerConfig, create_app
+
+    torch.set_num_threads(1)  # inference: one thread per request beats contention among many
+    try:
+        sock = socket.create_server((opts.host, opts.port), family=socket.AF_INET6 if ":" in opts.host else socket.AF_INET)
+    except OSError as exc:
+        print(f"aiaas-lab serve: cannot listen on {opts.host}:{opts.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    port = sock.getsockname()[1]
+    config = ServerConfig(data_dir=opts.data_dir.resolve(), tokens=tokens, max_jobs=opts.max_jobs,
+                          max_upload_mb=opts.max_upload_mb, allow_code=opts.allow_code)
+    app = create_app(config)
+    host = f"[{opts.host}]" if ":" in opts.host else opts.host
+    tenants = len(set(tokens.values()))
+    auth = f"{len(tokens)} token{'s' if len(tokens) != 1 else ''}, {tenants} tenant{'s' if tenants != 1 else ''}" \
+        if tokens else "NO AUTHENTICATION (--insecure)"
+    print(f"aiaas-lab serve: listening on http://{host}:{port} (data in {config.data_dir}; {auth}"
+          f"{'; --allow-code' if opts.allow_code else ''})", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                                           timeout_graceful_shutdown=3))
+    server.run(sockets=[sock])
+    return 0

@@ -1,0 +1,363 @@
+"""Runs queued jobs in worker processes, at most `max_jobs` at once, and records what they report.
+
+The event loop only starts processes and reads their output; training happens in the workers
+(`_runner`). Every event a worker reports is committed to the store before anyone can read it,
+and a job's last event, its terminal status and its model are committed in one transaction, so
+a reader that sees the terminal status has already seen every event.
+
+After a crash or restart, a job still marked running is launched again with the engine's
+resume (it continues from its last checkpoint); one interrupted too often is failed with the
+reason, so no job stays running forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import orjson
+
+from .._events import RunEnded, event_from_dict
+from ._blobs import Blobs
+from ._jobs import TERMINAL
+from ._store import Store
+
+__all__ = ["Executor", "JobSignals", "MAX_LAUNCHES"]
+
+MAX_LAUNCHES = 4  # the first run and three resumes after the server stopped under it
+_STATUS = {"completed": "succeeded", "stopped": "cancelled", "failed": "failed"}
+
+
+class JobSignals:
+    """Wakes whoever waits on a job (event streams, cancel) after something about it was committed."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, asyncio.Event] = {}
+
+    def waiter(self, job_id: str) -> asyncio.Event:
+        """Take this before reading the store, then wait on it: nothing committed after the read is missed."""
+        return self._events.setdefault(job_id, asyncio.Event())
+
+    def fire(self, job_id: str) -> None:
+        event = self._events.pop(job_id, None)
+        if event is not None:
+            event.set()
+
+
+@dataclass
+class _Running:
+    process: asyncio.subprocess.Process
+    task: asyncio.Task[None] | None = None
+    model: dict[str, Any] | None = None
+    error: str | None = None
+    ended: bool = False
+
+
+# ---------------------------------------------------------------- transactions (writer thread)
+
+def _insert_event(conn: Any, job_id: str, event: dict[str, Any]) -> int | None:
+    """Append the job's next event; None (nothing stored) once the job is terminal."""
+    row = conn.execute("UPDATE jobs SET last_event = last_event + 1 WHERE id = ? AND status NOT IN "
+                       "('succeeded', 'failed', 'cancelled') RETURNING last_event", (job_id,)).fetchone()
+    if row is None:
+        return None
+    seq = row[0]
+    conn.execute("INSERT INTO events (job_id, seq, type, data) VALUES (?, ?, ?, ?)",
+                 (job_id, seq, event["type"], orjson.dumps(event).decode()))
+    if event["type"] == "epoch_end":
+        conn.execute("UPDATE jobs SET metrics = ? WHERE id = ?", (orjson.dumps(event["metrics"]).decode(), job_id))
+    return seq
+
+
+def _finish(conn: Any, job_id: str, ended: dict[str, Any], model: dict[str, Any] | None,
+            now: float) -> tuple[str, str] | None:
+    """The last event, the terminal status and the model, together. Returns (tenant, model name)
+    when a model was registered."""
+    job = conn.execute("SELECT tenant, status, request, cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if job is None or job["status"] in TERMINAL:
+        return None
+    status = _STATUS[ended["status"]]
+    _insert_event(conn, job_id, ended)
+    name = version = None
+    if status == "succeeded" and model is not None:
+        name = orjson.loads(job["request"])["name"] or job_id
+        version = conn.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM models WHERE tenant = ? AND name = ?",
+                               (job["tenant"], name)).fetchone()[0]
+        conn.execute("INSERT INTO models (tenant, name, version, job_id, created_at, info) VALUES (?, ?, ?, ?, ?, ?)",
+                     (job["tenant"], name, version, job_id, now, orjson.dumps(model).decode()))
+    error = ended.get("error") if status == "failed" else None
+    conn.execute("UPDATE jobs SET status = ?, finished_at = ?, error = ?, model_name = ?, model_version = ? WHERE id = ?",
+                 (status, now, error, name, version, job_id))
+    return (job["tenant"], name) if name is not None else None
+
+
+def _claim(conn: Any, job_id: str, now: float) -> dict[str, Any] | None:
+    """Mark the job running for one more launch; None when it is terminal or out of launches."""
+    job = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if job is None or job["status"] in TERMINAL:
+        return None
+    conn.execute("UPDATE jobs SET status = 'running', attempts = attempts + 1, "
+                 "started_at = COALESCE(started_at, ?) WHERE id = ?", (now, job_id))
+    return dict(job) | {"attempts": job["attempts"] + 1}
+
+
+def _synthetic_end(status: str, reason: str = "", error: str | None = None) -> dict[str, Any]:
+    """A run_ended event for a job the engine never finished, so every event stream ends with one."""
+    return RunEnded(status=status, epochs_completed=0, steps=0, seconds=0.0, reason=reason,  # type: ignore[arg-type]
+                    error=error, time=time.time()).to_dict()
+
+
+class Executor:
+    def __init__(self, store: Store, blobs: Blobs, jobs_dir: Path, signals: JobSignals, *, max_jobs: int,
+                 threads_per_job: int, allow_code: bool,
+                 on_model: Callable[[str, str], None] = lambda tenant, name: None) -> None:
+        self.store, self.blobs, self.jobs_dir, self.signals = store, blobs, jobs_dir, signals
+        self.max_jobs, self.threads_per_job, self.allow_code = max_jobs, threads_per_job, allow_code
+        self.on_model = on_model
+        self._running: dict[str, _Running] = {}
+        self._launching: set[str] = set()
+        self._spare: asyncio.subprocess.Process | None = None
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._loop_task: asyncio.Task[None] | None = None
+        self._spare_task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        for row in self.store.all("SELECT id FROM jobs WHERE status = 'running' AND cancel_requested = 1"):
+            await self._end(row["id"], _synthetic_end("stopped", "cancelled"))  # cancelled while the server was down
+        self._spare_task = asyncio.create_task(self._refill_spare())
+        self._loop_task = asyncio.create_task(self._schedule())
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Kill the workers; their jobs stay running and resume from their checkpoints at the next start."""
+        self._stopping = True
+        for task in (self._loop_task, self._spare_task):
+            if task is not None:
+                task.cancel()
+        processes = [r.process for r in self._running.values()] + ([self._spare] if self._spare else [])
+        for process in processes:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+        for process in processes:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(process.wait(), 5)
+        tasks = [r.task for r in self._running.values() if r.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # ------------------------------------------------------------ scheduling
+
+    def _next_job(self) -> str | None:
+        # Jobs interrupted by a restart first (they already held a slot), then the queue in order.
+        for row in self.store.all("SELECT id FROM jobs WHERE status IN ('running', 'queued') "
+                                  "ORDER BY status = 'running' DESC, created_at, id"):
+            if row["id"] not in self._running:
+                return row["id"]
+        return None
+
+    async def _schedule(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while len(self._running) < self.max_jobs and not self._stopping:
+                job_id = self._next_job()
+                if job_id is None:
+                    break
+                try:
+                    await self._start_job(job_id)
+                except Exception as exc:  # a job that cannot even start fails alone
+                    print(f"aiaas-lab serve: job {job_id} could not start: {exc!r}", file=sys.stderr)
+                    self._running.pop(job_id, None)
+                    await self._end(job_id, _synthetic_end("failed", error=f"the job could not start: {exc}"))
+
+    async def _start_job(self, job_id: str) -> None:
+        job = await self.store.write(_claim, job_id, time.time())
+        if job is None:
+            return
+        if job["attempts"] > MAX_LAUNCHES:
+            await self._end(job_id, _synthetic_end(
+                "failed", error=f"the server stopped {MAX_LAUNCHES} times while this job ran; it was not "
+                                "restarted again (its last checkpoint is kept on the server)"))
+            return
+        self.signals.fire(job_id)  # queued -> running
+        self._launching.add(job_id)
+        try:
+            process = await self._launch(self._worker_spec(job))
+        finally:
+            self._launching.discard(job_id)
+        running = _Running(process=process)
+        self._running[job_id] = running
+        running.task = asyncio.create_task(self._follow(job_id, running))
+        row = self.store.one("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,))
+        if row is not None and row["cancel_requested"]:  # cancelled while it was being launched
+            process.send_signal(signal.SIGUSR1)
+
+    def _worker_spec(self, job: dict[str, Any]) -> dict[str, Any]:
+        """What the worker needs, with every upload hard-linked into the job's own folder so the
+        job (and the model it registers) never depends on the blob store again."""
+        directory = self.jobs_dir / job["id"]
+        directory.mkdir(parents=True, exist_ok=True)
+        request = orjson.loads(job["request"])
+        tenant = job["tenant"]
+
+        def local(sha: str, name: str) -> str:
+            target = directory / name
+            if not target.exists():
+                source = self.blobs.find(tenant, sha)
+                if source is None:
+                    raise FileNotFoundError(f"the uploaded blob {sha} is missing from the server")
+                try:
+                    os.link(source, target)
+                except OSError:
+                    import shutil
+
+                    shutil.copyfile(source, target)
+            return str(target)
+
+        model = dict(request["model"])
+        if "export" in model:
+            model["export"] = {"graph": local(model["export"]["graph"], "graph.json"),
+                               "weights": local(model["export"]["weights"], "init.safetensors")}
+        elif "pickle" in model:
+            model["pickle"] = local(model["pickle"], "model.pkl")
+        data = request["data"]
+        if "tensors" in data:
+            data = {"tensors": local(data["tensors"], "data.safetensors")}
+        val = request["val"]
+        if isinstance(val, dict):
+            val = {"tensors": local(val["tensors"], "val.safetensors")}
+        return {"job_id": job["id"], "dir": str(directory), "model": model, "data": data, "val": val,
+                "hyperparameters": orjson.loads(job["hyperparameters"]), "threads": self.threads_per_job,
+                "allow_code": self.allow_code, "attempt": job["attempts"]}
+
+    # ------------------------------------------------------------ worker processes
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        # The warm worker is started from the event loop's (main) thread: PR_SET_PDEATHSIG is
+        # tied to the thread that forked, and this one lives as long as the server.
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "aiaas_lab.server._runner", str(os.getpid()),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            start_new_session=True,  # a Ctrl-C in the server's terminal must not reach the workers
+            limit=2**24)
+
+    async def _refill_spare(self) -> None:
+        if self._spare is None and not self._stopping:
+            self._spare = await self._spawn()
+
+    async def _launch(self, spec: dict[str, Any]) -> asyncio.subprocess.Process:
+        """Start the worker process for one job. The one place a job becomes a process: a
+        distributed job (workers > 1) will be launched through torchrun here."""
+        process = self._spare if self._spare is not None and self._spare.returncode is None else None
+        self._spare = None
+        if process is None:
+            process = await self._spawn()
+        assert process.stdin is not None
+        process.stdin.write(orjson.dumps(spec) + b"\n")
+        await process.stdin.drain()
+        process.stdin.close()
+        self._spare_task = asyncio.create_task(self._refill_spare())
+        return process
+
+    async def _follow(self, job_id: str, running: _Running) -> None:
+        process = running.process
+        assert process.stdout is not None
+        try:
+            async for line in process.stdout:
+                try:
+                    message = orjson.loads(line)
+                    if "event" in message:
+                        event = event_from_dict(message["event"]).to_dict()  # only well-formed engine events
+                        if event["type"] == "run_ended":
+                            running.ended = True
+                            await self._end(job_id, event, running.model)
+                            break
+                        if await self.store.write(_insert_event, job_id, event) is None:
+                            process.kill()  # the job already ended (cancelled while it started)
+                            break
+                        self.signals.fire(job_id)
+                    elif "model" in message:
+                        running.model = message["model"]
+                    elif "error" in message:
+                        running.error = str(message["error"])
+                except (ValueError, TypeError, KeyError) as exc:
+                    print(f"aiaas-lab serve: job {job_id}: ignored a malformed worker message ({exc})", file=sys.stderr)
+            try:
+                code = await asyncio.wait_for(process.wait(), 30 if running.ended else None)
+            except asyncio.TimeoutError:  # finished, but something in it keeps the process alive
+                process.kill()
+                code = await process.wait()
+            if not running.ended and not self._stopping:
+                await self._end(job_id, self._unfinished(job_id, running, code))
+        finally:
+            if self._running.get(job_id) is running:
+                del self._running[job_id]
+            self._wake.set()
+
+    def _unfinished(self, job_id: str, running: _Running, code: int) -> dict[str, Any]:
+        row = self.store.one("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,))
+        if row is not None and row["cancel_requested"]:
+            return _synthetic_end("stopped", "cancelled")
+        if running.error is not None:
+            return _synthetic_end("failed", error=running.error)
+        return _synthetic_end("failed", error=f"the training process exited unexpectedly ({_describe_exit(code)})"
+                                               + _log_tail(self.jobs_dir / job_id / "worker.log"))
+
+    async def _end(self, job_id: str, event: dict[str, Any], model: dict[str, Any] | None = None) -> None:
+        registered = await self.store.write(_finish, job_id, event, model, time.time())
+        if registered is not None:
+            self.on_model(*registered)
+        self.signals.fire(job_id)
+
+    # ------------------------------------------------------------ cancel
+
+    async def cancel(self, job_id: str) -> None:
+        """Ask a job to stop; a queued one (or one waiting to resume) ends at once."""
+        def request(conn: Any) -> str | None:
+            row = conn.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row["status"] in TERMINAL:
+                return None
+            conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+            return row["status"]
+
+        status = await self.store.write(request)
+        if status is None:
+            return
+        running = self._running.get(job_id)
+        if job_id in self._launching:
+            return  # _start_job signals it once the process exists
+        if running is None:
+            reason = "cancelled before it started" if status == "queued" else "cancelled"
+            await self._end(job_id, _synthetic_end("stopped", reason))
+            return
+        with contextlib.suppress(ProcessLookupError):
+            running.process.send_signal(signal.SIGUSR1)
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def _log_tail(path: Path, limit: int = 600) -> str:
+    try:
+        text = path.read_bytes()[-limit:].decode(errors="replace").strip()
+    except OSError:
+        return ""
+    return f"; its last output: {text}" if text else ""
