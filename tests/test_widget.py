@@ -61,7 +61,7 @@ def _html_rows(markup: str) -> int:
 
 def test_train_shows_the_widget_with_a_static_snapshot(kernel):
     front = FrontEnd(kernel)
-    out = kernel.run("r = %aiaas train mlp --data digits --epochs 3 --val 0.2 --seed 0", on_message=front.on_message)
+    out = kernel.run("r = %aiaas train mlp --data digits --epochs 3 --val 0.2 --seed 0 --threads 1", on_message=front.on_message)
     assert out.error is None, out.error
     first, final = out.displays[0], out.displays[-1]
     # One output: the widget view for live front-ends, text and HTML for everything else.
@@ -89,7 +89,7 @@ def test_stop_reaches_a_busy_cell_and_keeps_weights_and_history(kernel):
             front.click_stop()  # the cell is busy training: this must still get through
             clicked["at"] = time.monotonic()
 
-    out = kernel.run("r = %aiaas train mlp --data digits --epochs 3000 --seed 0\nr.status, len(r.history)",
+    out = kernel.run("r = %aiaas train mlp --data digits --epochs 3000 --seed 0 --threads 1\nr.status, len(r.history)",
                      on_message=on_message, timeout=180)
     assert out.error is None, out.error
     assert clicked, "the run ended before it could be stopped"
@@ -110,7 +110,7 @@ def test_messages_stay_few_and_small_whatever_the_step_rate(kernel):
         "from aiaas_lab._engine import TrainConfig\n"
         "import time; t0 = time.monotonic()\n"
         # log_every=1: an event every step, the worst case for the reporter
-        "r = train_local('mlp', 'digits', TrainConfig(epochs=40, batch_size=16, seed=0, log_every=1), progress='widget')\n"
+        "r = train_local('mlp', 'digits', TrainConfig(epochs=40, batch_size=16, seed=0, log_every=1), progress='widget', threads=1)\n"
         "seconds = time.monotonic() - t0"
     )
     out = kernel.run(code, on_message=front.on_message, timeout=180)
@@ -132,7 +132,7 @@ def test_html_mode_shows_a_static_view_without_a_widget(kernel):
     front = FrontEnd(kernel)
     kernel.check("%config AiaasMagics.display = 'html'")
     try:
-        out = kernel.run("r = %aiaas train mlp --data digits --epochs 2 --seed 0", on_message=front.on_message)
+        out = kernel.run("r = %aiaas train mlp --data digits --epochs 2 --seed 0 --threads 1", on_message=front.on_message)
     finally:
         kernel.check("%config AiaasMagics.display = 'auto'")
     assert out.error is None, out.error
@@ -142,13 +142,13 @@ def test_html_mode_shows_a_static_view_without_a_widget(kernel):
 
 
 def test_no_widget_gives_text_progress(kernel):
-    out = kernel.run("r = %aiaas train mlp --data digits --epochs 1 --seed 0 --no-widget")
+    out = kernel.run("r = %aiaas train mlp --data digits --epochs 1 --seed 0 --threads 1 --no-widget")
     assert out.error is None and out.comm_messages == 0 and not out.displays
     assert "completed after 1 epoch" in out.stdout
 
 
 def test_predict_shows_a_table_and_labelled_thumbnails(kernel):
-    kernel.check("r = %aiaas train mlp --data digits --epochs 1 --seed 0 --no-widget")
+    kernel.check("r = %aiaas train mlp --data digits --epochs 1 --seed 0 --threads 1 --no-widget")
     out = kernel.check("p = %aiaas predict mlp --data digits")
     view = out.displays[-1]
     assert "predictions: first 10 of 1797 rows" in view["text/plain"]
@@ -174,7 +174,7 @@ def test_saved_notebook_keeps_the_widget_view_and_the_html_snapshot(tmp_path):
 
     nb = nbformat.v4.new_notebook(cells=[
         nbformat.v4.new_code_cell("%load_ext aiaas_lab"),
-        nbformat.v4.new_code_cell("r = %aiaas train mlp --data digits --epochs 2 --val 0.2 --seed 0"),
+        nbformat.v4.new_code_cell("r = %aiaas train mlp --data digits --epochs 2 --val 0.2 --seed 0 --threads 1"),
     ])
     NotebookClient(nb, timeout=180, kernel_name="python3", store_widget_state=True).execute()
     outputs = nb.cells[1].outputs
