@@ -1,0 +1,272 @@
+"""Data-parallel training from the notebook: `aiaas_lab.train(..., workers=N)`.
+
+The kernel cannot itself be a rank, so it checks everything first (a mistake is still a clear
+error in the cell), writes the job for `aiaas_lab.worker` into a private directory, starts N worker
+processes that rendezvous on a free 127.0.0.1 port, and relays rank 0's events to the same
+reporter and callbacks as local training. At the end it copies the weights back into the
+kernel's own module. A stop (the widget's button, Ctrl-C) becomes the job's stop file, which all
+ranks act on at the same step; a worker that dies ends the run within seconds, and no worker
+outlives the call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._api import _PREPROCESSING, Preprocessing, StopSignal, TrainResult, _interrupt_stops, prepare_run
+from ._data import InMemory, Prepared
+from ._engine import TrainConfig, resolve_device
+from ._errors import BadArgument, describe
+from ._events import EpochEnd, Event, RunEnded, event_from_json
+from ._progress import make_reporter
+
+__all__ = ["train_distributed"]
+
+# After the first worker exits, the others get this long to finish on their own (a peer's death
+# reaches them as a connection error at their next collective) before they are killed.
+_GRACE_S = 5.0
+_POLL_S = 0.05
+
+
+def train_distributed(model: Any, data: Any, cfg: TrainConfig, *, workers: int, val: Any = None,
+                      target: str | None = None, normalize: bool = False, threads: int | None = None,
+                      progress: Any = "auto", callbacks: Iterable[Callable[[Event], None]] = (),
+                      stop: StopSignal | None = None, name: str | None = None,
+                      shard: bool = False) -> TrainResult:
+    workers = int(workers)
+    _check_options(cfg, workers, shard)
+    module, prepared, spec = prepare_run(model, data, cfg, val=val, target=target, normalize=normalize)
+    if not isinstance(prepared.train, InMemory):
+        raise BadArgument("--workers", "in-memory data to shard across workers (tensors, arrays, a DataFrame "
+                          "or a built-in data set)", describe(data),
+                          "Pass the tensors themselves, or train with --workers 1.")
+    stop = stop or StopSignal()
+    subscribers = [s for s in [make_reporter(progress, stop), *callbacks] if s is not None]
+
+    def emit(event: Event) -> None:
+        for subscriber in subscribers:
+            subscriber(event)
+
+    run_id = uuid.uuid4().hex[:12]
+    with tempfile.TemporaryDirectory(prefix="aiaas-run-") as tmp:
+        job = _write_job(Path(tmp), module, spec, prepared, cfg, run_id=run_id, shard=shard,
+                         threads=threads or max(1, (os.cpu_count() or 1) // workers))
+        with _interrupt_stops(stop):
+            outcome, weights = _run_workers(job, workers, emit, stop)
+    if weights:
+        with torch.no_grad():
+            module.load_state_dict(weights)
+    _PREPROCESSING[module] = Preprocessing(task=prepared.task, normalizer=prepared.normalizer,
+                                           classes=prepared.classes)
+    return TrainResult(status=outcome["status"], history=outcome["history"], model=module,
+                       error=outcome["error"], reason=outcome["reason"], seconds=outcome["seconds"],
+                       run_id=run_id, task=prepared.task, classes=prepared.classes,
+                       hyperparameters={**cfg.hyperparameters(), "workers": workers, "shard": shard})
+
+
+def _check_options(cfg: TrainConfig, workers: int, shard: bool) -> None:
+    if shard and workers < 2:
+        raise BadArgument("--shard", "--workers 2 or more to shard the model across", f"--workers {workers}",
+                          "Add --workers N.")
+    if shard and cfg.checkpoint:
+        raise BadArgument("--checkpoint", "no --checkpoint with --shard (sharded checkpoints are not "
+                          "supported)", f"--checkpoint {cfg.checkpoint}")
+    device = resolve_device(cfg.device)
+    if device.type == "mps":
+        raise BadArgument("--device", "cpu or cuda with --workers (torch.distributed has no mps backend)",
+                          repr(cfg.device))
+    if device.type == "cuda" and torch.cuda.device_count() < workers:
+        raise BadArgument("--workers", f"at most {torch.cuda.device_count()}, one per GPU",
+                          str(workers), "Or train on the CPU with --device cpu.")
+
+
+def _write_job(directory: Path, module: nn.Module, spec: dict[str, Any] | None, prepared: Prepared,
+               cfg: TrainConfig, *, run_id: str, shard: bool, threads: int) -> Path:
+    """The job as `aiaas_lab.worker` reads it. The data go already prepared (split, encoded,
+    normalised), so every rank trains on exactly what the kernel checked."""
+    from safetensors.torch import save_file
+
+    from ._checkpoint import state_dict_to_safetensors
+
+    train = prepared.train
+    assert isinstance(train, InMemory)
+    save_file({"X": train.X.contiguous(), "y": train.y.contiguous()}, str(directory / "train.safetensors"))
+    job: dict[str, Any] = {"run_id": run_id, "data": "train.safetensors", "shard": shard, "threads": threads,
+                           "events": {"file": "events.jsonl"}, "output": "model.safetensors",
+                           "stop_file": "STOP", "config": dataclasses.asdict(cfg)}
+    if isinstance(prepared.val, InMemory):
+        save_file({"X": prepared.val.X.contiguous(), "y": prepared.val.y.contiguous()},
+                  str(directory / "val.safetensors"))
+        job["val"] = "val.safetensors"
+    if spec is not None:
+        job["model"] = spec
+        save_file(state_dict_to_safetensors(module.state_dict()), str(directory / "init.safetensors"))
+        job["weights"] = "init.safetensors"
+    else:
+        # The notebook's own module, class and all (cloudpickle carries classes defined in cells
+        # by value); only this kernel's workers ever read the file.
+        import cloudpickle
+
+        try:
+            blob = cloudpickle.dumps(module)
+        except Exception as exc:
+            raise BadArgument("MODEL", "a module that can be sent to worker processes (picklable)",
+                              f"{describe(module)}: {type(exc).__name__}: {exc}") from None
+        (directory / "model.pkl").write_bytes(blob)
+        job["model"] = {"pickle": "model.pkl"}
+    path = directory / "job.json"
+    path.write_text(json.dumps(job))
+    return path
+
+
+class _EventTail:
+    """New complete lines of a JSON-lines file that another process is appending to."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+        self._partial = b""
+
+    def read(self) -> list[Event]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return []
+        self._offset += len(chunk)
+        lines = (self._partial + chunk).split(b"\n")
+        self._partial = lines.pop()
+        return [event_from_json(line) for line in lines if line.strip()]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _failure(codes: dict[int, int], directory: Path) -> str:
+    """What went wrong, cause first: of several failed workers, the one whose log was written to
+    last (its error line) ended later, usually of a peer's death; a killed one writes nothing."""
+    def last_write(rank: int) -> float:
+        try:
+            return (directory / f"rank{rank}.log").stat().st_mtime
+        except OSError:
+            return 0.0
+
+    return "; ".join(_describe_exit(rank, codes[rank], directory / f"rank{rank}.log")
+                     for rank in sorted(codes, key=last_write) if codes[rank])
+
+
+def _describe_exit(rank: int, code: int, log: Path) -> str:
+    if code < 0:
+        name = signal.Signals(-code).name
+        cause = " (out of memory, or killed by another process)" if -code == signal.SIGKILL else ""
+        return f"worker {rank} was killed by {name}{cause}"
+    try:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        lines = []
+    last = lines[-1].removeprefix(f"aiaas_lab.worker: rank {rank}: ").removeprefix("aiaas_lab.worker: ") if lines else ""
+    return f"worker {rank} exited with status {code}" + (f": {last}" if last else "")
+
+
+def _run_workers(job: Path, workers: int, emit: Callable[[Event], None],
+                 stop: StopSignal) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Run the job on `workers` local processes; return the outcome and the final weights."""
+    directory = job.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "GROUP_"))}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(workers),
+               LOCAL_WORLD_SIZE=str(workers), OMP_NUM_THREADS=str(json.loads(job.read_text())["threads"]),
+               # the kernel's import path, so a model class from the user's own modules imports there too
+               PYTHONPATH=os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)))
+    procs: list[subprocess.Popen[bytes]] = []
+    tail = _EventTail(directory / "events.jsonl")
+    history: list[dict[str, float]] = []
+    ended: RunEnded | None = None
+    exits: dict[int, int] = {}  # rank -> exit status, as each worker ended on its own
+    t0 = time.time()
+
+    def relay() -> None:
+        nonlocal ended
+        for event in tail.read():
+            if isinstance(event, RunEnded):
+                ended = event  # held back: a worker's death may still change how the run ended
+                continue
+            if isinstance(event, EpochEnd):
+                history.append({"epoch": event.epoch, **event.metrics})
+            emit(event)
+
+    try:
+        for rank in range(workers):
+            with open(directory / f"rank{rank}.log", "wb") as log:
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "aiaas_lab.worker", str(job)],
+                    env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True))  # its own process group: no stray Ctrl-C, one kill
+        first_exit: float | None = None
+        while len(exits) < workers:
+            relay()
+            if stop.is_set() and not (directory / "STOP").exists():
+                (directory / "STOP.tmp").write_text(stop.reason or "stop requested")
+                os.replace(directory / "STOP.tmp", directory / "STOP")  # appears with its reason
+            for rank, proc in enumerate(procs):
+                if rank not in exits and proc.poll() is not None:
+                    exits[rank] = proc.returncode
+                    first_exit = first_exit or time.monotonic()
+            if first_exit is not None and time.monotonic() - first_exit > _GRACE_S:
+                break  # the rest are stuck waiting for a peer that is gone
+            time.sleep(_POLL_S)
+    finally:
+        _end(procs)
+    relay()
+    failure = _failure(exits, directory)
+
+    outcome: dict[str, Any] = {"status": "failed", "history": history, "error": None, "reason": "",
+                               "seconds": time.time() - t0, "steps": 0}
+    weights: dict[str, torch.Tensor] = {}
+    output = directory / "model.safetensors"
+    if output.exists():
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(output), framework="pt") as f:
+            outcome.update(json.loads((f.metadata() or {})["aiaas.outcome"]))
+        weights = load_file(str(output))
+    if failure:
+        outcome["status"], outcome["error"] = "failed", failure
+    elif outcome["error"] is None and outcome["status"] == "failed":
+        outcome["error"] = "the workers ended without a result"
+    steps = ended.steps if ended is not None else outcome["steps"]
+    emit(RunEnded(status=outcome["status"], epochs_completed=len(outcome["history"]), steps=steps,
+                  seconds=outcome["seconds"], reason=outcome["reason"], error=outcome["error"], time=time.time()))
+    return outcome, weights
+
+
+def _end(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Kill whatever is still running, with everything it started, and reap it."""
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for proc in procs:
+        proc.wait()
