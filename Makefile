@@ -29,6 +29,9 @@ test: venv test-js test-py
 test-py: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+js:
+	cd js && npm ci --no-audit --no-fund --loglevel=error && npm run build
+
 test-js:
 	@if [ -f js/package.json ]; then cd js && npm ci --no-audit --no-fund --loglevel=error && npm test; fi
 
