@@ -159,7 +159,9 @@ class _Base:
     # -- error wording ----------------------------------------------------------------------
 
     def _redact(self, text: str) -> str:
-        return text.replace(self._token, "***") if self._token else text
+        # A very short token would turn every occurrence of its letters into stars, and showing
+        # a 't' in a message reveals nothing.
+        return text.replace(self._token, "***") if self._token and len(self._token) >= 8 else text
 
     def _error_for(self, call: _Call, response: httpx.Response) -> AiaasError:
         status = response.status_code
