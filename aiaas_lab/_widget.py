@@ -46,6 +46,7 @@ from ._progress import TextProgress, _in_widget_frontend, format_duration, forma
 __all__ = ["TrainingWidget", "make_widget_reporter", "show_predictions"]
 
 SEND_INTERVAL = 0.1  # seconds between widget messages: at most 10 a second
+SEND_BUDGET = 0.01  # most of the run's wall time that sending may take; slower sends go less often
 SNAPSHOT_INTERVAL = 5.0  # seconds between refreshes of the saved HTML snapshot
 HTML_INTERVAL = 1.0  # seconds between updates of the static view in "html" mode
 LOSS_POINTS = 320  # most loss points kept and sent: 2.5 KB as float32 pairs
@@ -445,14 +446,18 @@ class _WidgetReporter:
 
     def _send(self, final: bool = False) -> None:
         now = time.monotonic()
-        self._due = now + SEND_INTERVAL
         stop_requested = bool(self._stop is not None and self._stop.is_set())
         self.widget.state = self._view.state(stop_requested)
         self.messages += 1
         if final or now >= self._snapshot_due:
-            self._snapshot_due = now + SNAPSHOT_INTERVAL
             if self._handle is not None:
                 self._handle.update(self.widget)
+            self._snapshot_due = now + SNAPSHOT_INTERVAL
+        # A send takes ~0.1 ms on an idle machine, but on a busy one handing the GIL to the iopub
+        # thread and back can take a scheduler slice (4-5 ms measured here with two cores
+        # shared): spacing sends by their own cost keeps them under SEND_BUDGET of the run.
+        cost = time.monotonic() - now
+        self._due = now + max(SEND_INTERVAL, cost / SEND_BUDGET)
 
     def _on_message(self, widget: Any, content: Any, buffers: Any) -> None:
         # Runs on the widget's subshell thread while the cell trains: only set the flag; the
