@@ -206,33 +206,42 @@ class RemoteRun:
         self._subscribers = subscribers
         self._stop = stop
         self._cancelled = False
+        self._running = False
         self._error: BaseException | None = None
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
 
     @property
     def status(self) -> str:
-        """"running" until the job ends, then the result's status (or "error")."""
+        """"starting" (queued on the server), "running", then the result's status."""
         if self.result is not None:
             return self.result.status
-        return "error" if self._error is not None else "running"
+        if self._error is not None:
+            return "failed"
+        return "running" if self._running else "starting"
 
     def stop(self, reason: str = "stop requested") -> None:
-        """Ask the server to stop the job at its next step; `wait()` then returns its result."""
+        """Cancel the job on the server (it stops at its next step); `wait()` then returns its result."""
         self._stop.request(reason)
-        if self._thread is None or not self._thread.is_alive():
-            self._cancel()
 
-    def wait(self, timeout: float | None = None) -> TrainResult | None:
-        """The result once the job ends (None if `timeout` passes first)."""
-        if not self._done.wait(timeout):
-            return None
+    def wait(self, timeout: float | None = None) -> TrainResult:
+        """Block until the job ends and return its TrainResult; raise TimeoutError if it has not
+        ended within `timeout` seconds. Ctrl-C while waiting cancels the job, as for a blocking run."""
+        with _interrupt_stops(self._stop):
+            finished = self._done.wait(timeout)
+        if not finished:
+            raise TimeoutError(f"job {self.job_id} is still {self.status} after {timeout} s; call .wait() again, "
+                               "or .stop() to cancel it")
         if self._error is not None:
             raise self._error
+        assert self.result is not None
         return self.result
 
     def __repr__(self) -> str:
-        return f"RemoteRun(job {self.job_id} on {self.client.url}: {self.status})"
+        where = f"job {self.job_id} on {self.client.url}"
+        if self.result is not None:
+            return f"RemoteRun: {self.status} ({where})\n{self.result!r}"
+        return f"RemoteRun: {self.status} ({where}). .wait() returns the TrainResult; .stop() cancels the job."
 
     def start(self) -> RemoteRun:
         self._thread = threading.Thread(target=self._follow_quietly, name=f"aiaas-job-{self.job_id}", daemon=True)
@@ -256,7 +265,7 @@ class RemoteRun:
                 try:
                     for event in self._events():
                         if isinstance(event, RunStarted):
-                            started = event
+                            started, self._running = event, True
                         elif isinstance(event, EpochEnd):
                             history[event.epoch] = {"epoch": event.epoch, **event.metrics}
                         elif isinstance(event, RunEnded):

@@ -182,7 +182,7 @@ def test_stop_signal_cancels_the_job_on_the_server(aiaas_server: ServerProcess) 
 def test_background_training_returns_a_handle(aiaas_server: ServerProcess) -> None:  # noqa: F811
     run = aiaas_lab.train("linear", "digits", epochs=2, backend=aiaas_server.url, token=aiaas_server.token,
                           progress=False, background=True)
-    assert isinstance(run, RemoteRun) and run.status in ("running", "completed")
+    assert isinstance(run, RemoteRun) and run.status in ("starting", "running", "completed")
     result = run.wait(120)
     assert result is run.result and run.status == "completed" and result.job_id == run.job_id
     assert aiaas_server.token not in repr(run)
@@ -198,7 +198,8 @@ def test_background_training_returns_a_handle(aiaas_server: ServerProcess) -> No
             time.sleep(0.1)
     long.stop()
     stopped = long.wait(60)
-    assert stopped is not None and stopped.status == "stopped" and long.status == "stopped"
+    assert stopped.status == "stopped" and long.status == "stopped"
+    assert repr(long).startswith(f"RemoteRun: stopped (job {long.job_id} on {aiaas_server.url})\nTrainResult: stopped")
 
 
 def test_clear_errors(aiaas_server: ServerProcess, digits, tmp_path) -> None:  # noqa: F811
