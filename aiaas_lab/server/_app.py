@@ -32,14 +32,16 @@ __all__ = ["ServerConfig", "create_app"]
 class ServerConfig:
     data_dir: Path
     tokens: dict[str, str] = field(default_factory=dict)  # token -> tenant; empty only with --insecure
-    max_jobs: int = 2
+    max_jobs: int = 2  # 0 accepts and queues jobs without running any (tests, maintenance)
     max_upload_mb: float = 256
     allow_code: bool = False
-    threads_per_job: int = 0  # 0: the cores shared out among max_jobs
+    threads_per_job: int = 0  # 0: the cores but one (the server's) shared out among max_jobs
     keepalive_s: float = 15.0
 
     def threads(self) -> int:
-        return self.threads_per_job or max(1, (os.cpu_count() or 1) // self.max_jobs)
+        # Oversubscribed torch threads spin against each other: on 2 busy cores, 2 threads per
+        # job trained several times slower than 1.
+        return self.threads_per_job or max(1, ((os.cpu_count() or 1) - 1) // max(self.max_jobs, 1))
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:

@@ -256,7 +256,7 @@ class Executor:
             limit=2**24)
 
     async def _refill_spare(self) -> None:
-        if self._spare is None and not self._stopping:
+        if self._spare is None and not self._stopping and self.max_jobs > 0:
             self._spare = await self._spawn()
 
     async def _launch(self, spec: dict[str, Any]) -> asyncio.subprocess.Process:
