@@ -15,6 +15,8 @@ JOB.json (relative paths are relative to the file's own directory; only "data" i
       "model": {"name": "mlp"},            a built-in sized to the data; or a full spec as
                                            aiaas_lab._models.model_spec makes it:
                                            {"name": "mlp", "config": {...}};
+                                           or {"export": {"graph": "graph.json", "weights":
+                                           "init.safetensors"}} as aiaas_lab._export writes it;
                                            or {"pickle": "model.pkl"}: a cloudpickled nn.Module
       "weights": "init.safetensors",       optional state dict loaded into the model first
       "data": "digits",                    a built-in data set, or a safetensors file holding
@@ -117,11 +119,15 @@ def load_job(path: str | os.PathLike[str]) -> _Job:
     model = raw.get("model", {"name": "mlp"})
     if isinstance(model, str):
         model = {"name": model}
-    if not isinstance(model, dict) or not ({"name", "pickle"} & set(model)):
-        raise BadArgument("model", 'a built-in {"name": ...} (with an optional "config") or {"pickle": PATH}',
-                          repr(model))
+    if not isinstance(model, dict) or not ({"name", "export", "pickle"} & set(model)):
+        raise BadArgument("model", 'a built-in {"name": ...} (with an optional "config"), '
+                          '{"export": {"graph": PATH, "weights": PATH}} or {"pickle": PATH}', repr(model))
     if "pickle" in model:
         model = {"pickle": file("model.pickle", model["pickle"])}
+    elif "export" in model:
+        export = model["export"] if isinstance(model["export"], dict) else {}
+        model = {"export": {"graph": file("model.export.graph", export.get("graph")),
+                            "weights": file("model.export.weights", export.get("weights"))}}
 
     if "data" not in raw:
         raise BadArgument("data", "a built-in data set name or a safetensors file with X and y", "no data")
@@ -191,22 +197,30 @@ class _StopRequest:
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        self.reason = ""
+        self._reason = ""
         self._checked = 0.0
 
     def request(self, reason: str) -> None:
-        self.reason = self.reason or reason
+        self._reason = self._reason or reason
 
-    def is_set(self) -> bool:
-        if self.reason or self.path is None:
-            return bool(self.reason)
-        now = time.monotonic()
-        if now - self._checked >= _STOP_POLL_S:
-            self._checked = now
+    @property
+    def reason(self) -> str:
+        # Looked up afresh: another rank may have seen the file first, and the run's reason is
+        # read here when the ranks have agreed to stop.
+        if not self._reason and self.path is not None:
             try:
-                self.reason = self.path.read_text().strip() or "stop requested"
+                self._reason = self.path.read_text().strip() or "stop requested"
             except FileNotFoundError:
                 pass
+        return self._reason
+
+    def is_set(self) -> bool:
+        if self._reason:
+            return True
+        now = time.monotonic()
+        if now - self._checked < _STOP_POLL_S:
+            return False
+        self._checked = now
         return bool(self.reason)
 
 
@@ -320,14 +334,15 @@ class _Rank:
 def _load_model(job: _Job, prepared: Prepared) -> tuple[nn.Module, dict[str, Any] | None]:
     from ._models import BUILTIN_MODELS, build_model, model_spec
 
+    spec = None
     if "pickle" in job.model:
-        import cloudpickle
+        from ._export import load_pickled
 
-        with open(job.model["pickle"], "rb") as f:
-            model = cloudpickle.load(f)
-        if not isinstance(model, nn.Module):
-            raise BadArgument("model.pickle", "a pickled torch.nn.Module", describe(model))
-        spec = None
+        model = load_pickled(job.model["pickle"].read_bytes())
+    elif "export" in job.model:
+        from ._export import load_exported
+
+        model = load_exported(job.model["export"]["graph"].read_bytes(), job.model["export"]["weights"].read_bytes())
     else:
         name = job.model["name"]
         if name not in BUILTIN_MODELS:

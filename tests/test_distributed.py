@@ -215,10 +215,18 @@ def read_events(path: Path) -> list[dict]:
 
 
 def test_stop_file_stops_all_ranks_at_the_same_step_and_events_reach_a_url(tmp_path):
+    # the model as a server receives it: an exported graph and its weights, no code
+    from aiaas_lab._export import export_module
+
+    torch.manual_seed(0)
+    graph, weights = export_module(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)), digits()[0][:4])
+    (tmp_path / "graph.json").write_bytes(graph)
+    (tmp_path / "init.safetensors").write_bytes(weights)
     server = ThreadingHTTPServer(("127.0.0.1", 0), _EventCollector)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/events"
-    job = write_job(tmp_path, config={"epochs": 500, "batch_size": 32, "seed": 0},
+    job = write_job(tmp_path, model={"export": {"graph": "graph.json", "weights": "init.safetensors"}},
+                    config={"epochs": 500, "batch_size": 32, "seed": 0},
                     events={"file": "events.jsonl", "url": url, "token": "s3cret"})
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
            "LOCAL_WORLD_SIZE": "2"}
@@ -254,7 +262,8 @@ def test_stop_file_stops_all_ranks_at_the_same_step_and_events_reach_a_url(tmp_p
     assert outcome["status"] == "stopped" and outcome["steps"] == steps[0]
     assert preprocessing["task"] == "classification" and len(preprocessing["normalizer"]["mean"]) == 64
     weights = load_file(str(tmp_path / "model.safetensors"))
-    assert set(weights) == {"0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"}
+    assert max_difference(weights, load_file(str(tmp_path / "init.safetensors"))) > 0
+    assert set(weights) == {"0.weight", "0.bias", "2.weight", "2.bias"}
 
 
 def test_torchrun_across_two_nodes_on_localhost(tmp_path):
@@ -346,3 +355,24 @@ def _kernel_children(kernel) -> list[psutil.Process]:
         return psutil.Process(pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
+
+
+# -- the tutorial ----------------------------------------------------------------------------------
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "04-distributed.ipynb"
+
+
+def test_tutorial_is_committed_without_outputs_and_runs(tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    assert all(not c.get("outputs") and not c.get("execution_count") for c in nb.cells if c.cell_type == "code")
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "\n".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in outputs)
+    assert "TrainResult: completed, 5 epochs" in text
+    gaps = [float(line.rsplit(": ", 1)[1]) for line in text.splitlines() if line.startswith("largest weight difference")]
+    assert len(gaps) == 2 and max(gaps) < 1e-5
+    assert "exit status 0" in text and "run_ended completed" in text and "completed after 5 epochs" in text
