@@ -204,7 +204,9 @@ class _RunView:
             "steps_per_epoch": s.steps_per_epoch if s else 0, "batch_size": s.batch_size if s else 0,
             "train_samples": s.train_samples if s else 0, "task": s.task if s else "",
             "epoch": self.epoch, "epochs_done": self.epochs_done(), "epoch_step": self.epoch_step,
-            "step": self.step, "samples": self.samples, "loss": self.loss,
+            # JSON has no NaN: a diverged loss travels as null (the front-end shows a dash).
+            "step": self.step, "samples": self.samples,
+            "loss": self.loss if self.loss is not None and math.isfinite(self.loss) else None,
             "elapsed": round(self.elapsed(), 3), "checkpoint": self.checkpoint,
             "losses": self.series.to_bytes(),
             "columns": self.columns(), "history": self.history_bytes(), "history_total": len(self.history),
@@ -319,16 +321,17 @@ def _snapshot_html(view: _RunView) -> str:
     steps, losses = view.series.points()
     loss_lines = [(steps, losses, _COLORS["train"], 0.3, False), (steps, _ema(losses), _COLORS["train"], 1.0, False)]
     epoch_steps = [r["epoch"] * s.steps_per_epoch for r in view.history] if s else []
+    dots = len(view.history) <= 60  # past that, dots hide the lines
     if view.history:
-        loss_lines.append((epoch_steps, [r.get("loss", math.nan) for r in view.history], _COLORS["train"], 1.0, True))
+        loss_lines.append((epoch_steps, [r.get("loss", math.nan) for r in view.history], _COLORS["train"], 1.0, dots))
         if "val_loss" in view.history[-1]:
-            loss_lines.append((epoch_steps, [r["val_loss"] for r in view.history], _COLORS["val"], 1.0, True))
+            loss_lines.append((epoch_steps, [r["val_loss"] for r in view.history], _COLORS["val"], 1.0, dots))
     charts = [_svg_chart("loss (per step, smoothed; dots: epochs, val in orange)", loss_lines)]
     if view.history and "accuracy" in view.history[-1]:
         epochs_x = [r["epoch"] for r in view.history]
-        acc = [(epochs_x, [r["accuracy"] for r in view.history], _COLORS["train"], 1.0, True)]
+        acc = [(epochs_x, [r["accuracy"] for r in view.history], _COLORS["train"], 1.0, dots)]
         if "val_accuracy" in view.history[-1]:
-            acc.append((epochs_x, [r["val_accuracy"] for r in view.history], _COLORS["val"], 1.0, True))
+            acc.append((epochs_x, [r["val_accuracy"] for r in view.history], _COLORS["val"], 1.0, dots))
         charts.append(_svg_chart("accuracy per epoch (val in orange)", acc))
     parts.append(f"<div style='display:flex;gap:12px;flex-wrap:wrap'>{''.join(charts)}</div>")
     if view.history:

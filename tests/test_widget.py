@@ -223,6 +223,19 @@ def test_snapshot_renders_every_status():
     assert state["status"] == "failed" and state["loss"] == pytest.approx(0.1) and math.isfinite(state["elapsed"])
 
 
+def test_a_diverged_loss_never_breaks_the_message():
+    from aiaas_lab._widget import _RunView
+
+    view = _RunView()
+    view.apply(RunStarted(run_id="r", epochs=1, start_epoch=0, steps_per_epoch=10, batch_size=8,
+                          train_samples=80, val_samples=0, task="classification", num_classes=2))
+    view.add_step(StepEnd(epoch=1, step=1, epoch_step=1, loss=math.nan, samples=8))
+    state = {k: v for k, v in view.state().items() if not isinstance(v, bytes)}
+    assert state["loss"] is None
+    json.dumps(state, allow_nan=False)  # what the kernel's session does to every message
+    assert "loss nan" in view.text()
+
+
 def test_widget_outside_a_kernel_falls_back_to_text():
     from aiaas_lab import TextProgress
     from aiaas_lab._progress import make_reporter

@@ -156,25 +156,31 @@ function render({ model, el }) {
       { xs: raw.xs, ys: ema(raw.ys), cls: "aiaas-train aiaas-smooth" },
     ];
     const epochSteps = rows.map((r) => r.epoch * s.steps_per_epoch);
-    if (s.columns.includes("loss")) lossLines.push({ xs: epochSteps, ys: rows.map((r) => r.loss), cls: "aiaas-train", dots: true });
-    if (s.columns.includes("val_loss")) lossLines.push({ xs: epochSteps, ys: rows.map((r) => r.val_loss), cls: "aiaas-val", dots: true });
+    const dots = rows.length <= 60; // past that, dots hide the lines
+    if (s.columns.includes("loss")) lossLines.push({ xs: epochSteps, ys: rows.map((r) => r.loss), cls: "aiaas-train", dots });
+    if (s.columns.includes("val_loss")) lossLines.push({ xs: epochSteps, ys: rows.map((r) => r.val_loss), cls: "aiaas-val", dots });
     const drawn = drawChart(lossChart, { title: "loss: per step (smoothed), per epoch (dots)", lines: lossLines, ...CHART });
     lossChart.dataset.points = String(drawn);
     const hasAcc = s.columns.includes("accuracy");
     accChart.style.display = hasAcc ? "" : "none";
     if (hasAcc) {
       const epochs = rows.map((r) => r.epoch);
-      const accLines = [{ xs: epochs, ys: rows.map((r) => r.accuracy), cls: "aiaas-train", dots: true }];
-      if (s.columns.includes("val_accuracy")) accLines.push({ xs: epochs, ys: rows.map((r) => r.val_accuracy), cls: "aiaas-val", dots: true });
+      const accLines = [{ xs: epochs, ys: rows.map((r) => r.accuracy), cls: "aiaas-train", dots }];
+      if (s.columns.includes("val_accuracy")) accLines.push({ xs: epochs, ys: rows.map((r) => r.val_accuracy), cls: "aiaas-val", dots });
       accChart.dataset.points = String(drawChart(accChart, { title: "accuracy per epoch (train, val)", lines: accLines, ...CHART }));
     }
     drawTable(rows, s);
   }
 
+  // The table follows the newest epoch until the user scrolls up, and again once back at the end.
+  let follow = true;
+  tableWrap.addEventListener("scroll", () => {
+    follow = tableWrap.scrollTop + tableWrap.clientHeight >= tableWrap.scrollHeight - 2;
+  });
+
   /** @param {Array<Record<string, number>>} rows @param {State} s */
   function drawTable(rows, s) {
     if (!rows.length) { tableWrap.replaceChildren(); return; }
-    const atBottom = tableWrap.scrollTop + tableWrap.clientHeight >= tableWrap.scrollHeight - 2;
     const table = h("table", "aiaas-table");
     const headRow = h("tr");
     for (const c of ["epoch", ...s.columns]) headRow.append(h("th", "", c));
@@ -194,7 +200,7 @@ function render({ model, el }) {
     if (rows.length < s.history_total) {
       tableWrap.append(h("div", "aiaas-note", `${rows.length} of ${s.history_total} epochs shown, evenly spaced`));
     }
-    if (atBottom) tableWrap.scrollTop = tableWrap.scrollHeight;
+    if (follow) tableWrap.scrollTop = tableWrap.scrollHeight;
   }
 
   const views = viewsOf.get(model) || new Set();

@@ -10,6 +10,7 @@ from typing import Any
 
 import nbformat
 
+from aiaas_lab._widget import SNAPSHOT_INTERVAL
 from conftest import ARTIFACTS, Server
 
 EPOCHS = 4
@@ -51,13 +52,18 @@ def _check_run(page: Any, server: Server, label: str) -> None:
     assert first.locator(".aiaas-table tbody tr").count() == EPOCHS
     assert first.locator(".aiaas-stop").is_hidden()
 
-    # The long run: wait until it is well under way, then click Stop while its cell is busy.
+    # The long run: wait until it is well under way and its output has been re-rendered by a
+    # snapshot refresh (every 5 s), then click Stop while its cell is busy.
     long = widgets.nth(1)
     expect(long).to_have_attribute("data-status", "running", timeout=120_000)
-    deadline = time.monotonic() + 120
-    while int(long.locator(".aiaas-epoch-bar").get_attribute("data-value") or 0) < 2:
+    seen_running = time.monotonic()
+    deadline = seen_running + 120
+    while (int(long.locator(".aiaas-epoch-bar").get_attribute("data-value") or 0) < 2
+           or time.monotonic() - seen_running < SNAPSHOT_INTERVAL + 1):
         assert time.monotonic() < deadline, "the long run made no progress"
         time.sleep(0.2)
+    # A refresh re-renders the output: still one live view per run.
+    assert widgets.count() == 2
     page.screenshot(path=str(ARTIFACTS / f"{label}-running.png"))
     clicked = time.monotonic()
     long.locator(".aiaas-stop").click()
