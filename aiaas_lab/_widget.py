@@ -320,29 +320,30 @@ def _snapshot_html(view: _RunView) -> str:
         parts.append(f"<div style='color:{_FG2};margin:4px 0'>{html.escape(view.figures())}</div>")
     steps, losses = view.series.points()
     loss_lines = [(steps, losses, _COLORS["train"], 0.3, False), (steps, _ema(losses), _COLORS["train"], 1.0, False)]
-    epoch_steps = [r["epoch"] * s.steps_per_epoch for r in view.history] if s else []
-    dots = len(view.history) <= 60  # past that, dots hide the lines
+    rows = _pick_rows(view.history, HISTORY_ROWS)  # as many as the live view draws
+    epoch_steps = [r["epoch"] * s.steps_per_epoch for r in rows] if s else []
+    dots = len(rows) <= 60  # past that, dots hide the lines
     if view.history:
-        loss_lines.append((epoch_steps, [r.get("loss", math.nan) for r in view.history], _COLORS["train"], 1.0, dots))
+        loss_lines.append((epoch_steps, [r.get("loss", math.nan) for r in rows], _COLORS["train"], 1.0, dots))
         if "val_loss" in view.history[-1]:
-            loss_lines.append((epoch_steps, [r["val_loss"] for r in view.history], _COLORS["val"], 1.0, dots))
+            loss_lines.append((epoch_steps, [r["val_loss"] for r in rows], _COLORS["val"], 1.0, dots))
     charts = [_svg_chart("loss (per step, smoothed; dots: epochs, val in orange)", loss_lines)]
     if view.history and "accuracy" in view.history[-1]:
-        epochs_x = [r["epoch"] for r in view.history]
-        acc = [(epochs_x, [r["accuracy"] for r in view.history], _COLORS["train"], 1.0, dots)]
+        epochs_x = [r["epoch"] for r in rows]
+        acc = [(epochs_x, [r["accuracy"] for r in rows], _COLORS["train"], 1.0, dots)]
         if "val_accuracy" in view.history[-1]:
-            acc.append((epochs_x, [r["val_accuracy"] for r in view.history], _COLORS["val"], 1.0, dots))
+            acc.append((epochs_x, [r["val_accuracy"] for r in rows], _COLORS["val"], 1.0, dots))
         charts.append(_svg_chart("accuracy per epoch (val in orange)", acc))
     parts.append(f"<div style='display:flex;gap:12px;flex-wrap:wrap'>{''.join(charts)}</div>")
     if view.history:
         columns = view.columns()
         head = "".join(f"<th style='padding:1px 8px;text-align:right'>{c}</th>" for c in ["epoch", *columns])
-        rows = "".join(
+        body = "".join(
             "<tr>" + f"<td style='padding:1px 8px;text-align:right'>{int(r['epoch'])}</td>"
             + "".join(f"<td style='padding:1px 8px;text-align:right'>{r.get(c, math.nan):.4f}</td>" for c in columns)
             + "</tr>" for r in _pick_rows(view.history, 50))
         parts.append(f"<table class='aiaas-table' style='border-collapse:collapse;font-variant-numeric:tabular-nums;"
-                     f"color:{_FG}'><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+                     f"color:{_FG}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
     return (f"<div class='aiaas-snapshot' style='font-family:var(--jp-ui-font-family, sans-serif);font-size:12px;"
             f"color:{_FG}'>{''.join(parts)}</div>")
 
