@@ -109,6 +109,8 @@ def _write_job(directory: Path, module: nn.Module, spec: dict[str, Any] | None, 
     job: dict[str, Any] = {"run_id": run_id, "data": "train.safetensors", "shard": shard, "threads": threads,
                            "events": {"file": "events.jsonl"}, "output": "model.safetensors",
                            "stop_file": "STOP", "config": dataclasses.asdict(cfg)}
+    if cfg.checkpoint:  # the worker reads paths relative to the job's directory
+        job["config"]["checkpoint"] = os.path.abspath(cfg.checkpoint)
     if isinstance(prepared.val, InMemory):
         save_file({"X": prepared.val.X.contiguous(), "y": prepared.val.y.contiguous()},
                   str(directory / "val.safetensors"))

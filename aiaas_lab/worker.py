@@ -26,7 +26,9 @@ JOB.json (relative paths are relative to the file's own directory; only "data" i
       "config": {"epochs": 5, "batch_size": 64, "lr": 0.001, ...},
                                            any TrainConfig field (aiaas_lab._engine); batch_size
                                            is per rank: the effective batch is
-                                           world size x batch_size x grad_accum
+                                           world size x batch_size x grad_accum; a "checkpoint"
+                                           directory (written by rank 0, read by every rank on
+                                           "resume") must be one that all ranks can reach
       "shard": false,                      FSDP2 (fully_shard) instead of DistributedDataParallel
       "threads": null,                     torch threads per rank; default cores / local ranks
       "events": {"file": "events.jsonl",   rank 0 appends one event.to_json() per line
@@ -151,6 +153,8 @@ def load_job(path: str | os.PathLike[str]) -> _Job:
                               close_matches(key, names))
     cfg = TrainConfig(**config)
     _check_config(cfg)
+    if cfg.checkpoint:
+        cfg = replace(cfg, checkpoint=str(base / cfg.checkpoint))
 
     events = raw.get("events") or {}
     if not isinstance(events, dict) or set(events) - {"file", "url", "token"}:

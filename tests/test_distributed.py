@@ -110,6 +110,20 @@ def test_sharded_model_follows_the_same_loss_curve(two_workers):
     assert max_difference(result.model, unsharded.model) < 1e-5
 
 
+def test_checkpoint_and_resume_across_workers(two_workers, tmp_path):
+    unbroken, _ = two_workers
+    options = {**RUN, "epochs": 2}
+    first = aiaas_lab.train("mlp", digits(), batch_size=32, workers=2, checkpoint=str(tmp_path / "ck"), **options)
+    assert first.status == "completed" and (tmp_path / "ck" / "checkpoint.safetensors").exists()
+    options["epochs"] = 3
+    resumed = aiaas_lab.train("mlp", digits(), batch_size=32, workers=2, checkpoint=str(tmp_path / "ck"),
+                              resume=True, **options)
+    assert resumed.status == "completed", resumed.error
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert abs(resumed.history[-1]["loss"] - unbroken.history[-1]["loss"]) < 1e-5
+    assert max_difference(resumed.model, unbroken.model) < 1e-5
+
+
 def test_stop_reaches_every_rank_and_keeps_the_weights_so_far():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
