@@ -406,8 +406,11 @@ def load_pickled(payload: bytes) -> nn.Module:
     try:
         module = cloudpickle.loads(payload)
     except Exception as exc:
+        hint = ("The server has only aiaas-lab's own packages: send classes by value (define them in "
+                "the notebook, or cloudpickle.register_pickle_by_value(their_module)).") \
+            if isinstance(exc, ModuleNotFoundError) else ""
         raise BadArgument("model.pickle", "a cloudpickle payload of an nn.Module",
-                          f"bytes that failed to load ({type(exc).__name__}: {exc})") from None
+                          f"bytes that failed to load ({type(exc).__name__}: {exc})", hint) from None
     if not isinstance(module, nn.Module):
         raise BadArgument("model.pickle", "a cloudpickle payload of an nn.Module", describe(module))
     return module
