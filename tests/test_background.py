@@ -14,21 +14,11 @@ from test_widget import FrontEnd
 
 
 @pytest.fixture(scope="module")
-def own_kernel() -> Any:
-    """A kernel of this module's own, with its manager, so a test can press Interrupt."""
-    from jupyter_client.manager import start_new_kernel
-
-    from conftest import KernelSession
-
-    km, kc = start_new_kernel(kernel_name="python3")
-    session = KernelSession(kc)
-    session.manager = km
-    try:
-        session.check("%load_ext aiaas_lab\nimport time", timeout=120)
-        yield session
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=True)
+def own_kernel(kernel: Any) -> Any:
+    """This module's kernel, with `time` imported; `manager` presses Interrupt."""
+    kernel.check("import time")
+    kernel.manager = kernel.client.parent  # the KernelManager that made the client
+    return kernel
 
 
 def test_background_cell_returns_while_the_widget_keeps_updating(own_kernel):

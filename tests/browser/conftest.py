@@ -103,6 +103,13 @@ def notebook7(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 @pytest.fixture
+def artifacts() -> Path:
+    """Where screenshots go (gitignored), to look at after a run."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture
 def page(tmp_path: Path) -> Iterator[Any]:
     """A Chromium page; `page.errors` collects uncaught page errors."""
     _require_chromium()
@@ -110,7 +117,6 @@ def page(tmp_path: Path) -> Iterator[Any]:
 
     home = tmp_path / "home"
     home.mkdir()
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         ctx = p.chromium.launch_persistent_context(
             str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True,

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 import nbformat
 
 from aiaas_lab._widget import SNAPSHOT_INTERVAL
-from conftest import ARTIFACTS, Server
 
 EPOCHS = 4
 CELLS = [
@@ -24,13 +24,13 @@ CELLS = [
 KNOWN_NOISE = ("reading 'schema'",)
 
 
-def _write_notebook(server: Server, name: str) -> None:
+def _write_notebook(server: Any, name: str) -> None:
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in CELLS])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, server.root / name)
 
 
-def _run_all(page: Any, server: Server, name: str) -> None:
+def _run_all(page: Any, server: Any, name: str) -> None:
     page.goto(server.notebook_url(name))
     page.wait_for_function("() => window.jupyterapp?.shell?.currentWidget?.sessionContext"
                            "?.session?.kernel?.status === 'idle'", timeout=120_000)
@@ -38,7 +38,7 @@ def _run_all(page: Any, server: Server, name: str) -> None:
     page.locator(".lm-Menu-item:visible", has_text="Run All Cells").first.click()
 
 
-def _check_run(page: Any, server: Server, label: str) -> None:
+def _check_run(page: Any, artifacts: Path, label: str) -> None:
     from playwright.sync_api import expect
 
     widgets = page.locator(".jp-OutputArea-output .aiaas-widget")
@@ -64,7 +64,7 @@ def _check_run(page: Any, server: Server, label: str) -> None:
         time.sleep(0.2)
     # A refresh re-renders the output: still one live view per run.
     assert widgets.count() == 2
-    page.screenshot(path=str(ARTIFACTS / f"{label}-running.png"))
+    page.screenshot(path=str(artifacts / f"{label}-running.png"))
     clicked = time.monotonic()
     long.locator(".aiaas-stop").click()
     expect(long).to_have_attribute("data-status", "stopped", timeout=10_000)
@@ -74,24 +74,24 @@ def _check_run(page: Any, server: Server, label: str) -> None:
     expect(next_cell).to_have_count(1, timeout=30_000)
     assert stopped_after < 5, f"the widget showed 'stopped' {stopped_after:.1f} s after the click"
     assert not long.locator(".aiaas-hint").text_content()
-    page.screenshot(path=str(ARTIFACTS / f"{label}-light.png"))
+    page.screenshot(path=str(artifacts / f"{label}-light.png"))
     errors = [e for e in page.errors if not any(n in e for n in KNOWN_NOISE)]
     assert not errors, errors
 
 
-def test_jupyterlab_widget_runs_and_stops(lab: Server, page: Any) -> None:
+def test_jupyterlab_widget_runs_and_stops(lab: Any, page: Any, artifacts: Path) -> None:
     _write_notebook(lab, "train.ipynb")
     _run_all(page, lab, "train.ipynb")
-    _check_run(page, lab, "lab")
+    _check_run(page, artifacts, "lab")
     # Dark theme: the same view through JupyterLab's CSS variables.
     page.evaluate("() => window.jupyterapp.commands.execute('apputils:change-theme', {theme: 'JupyterLab Dark'})")
     page.wait_for_function("() => document.body.dataset.jpThemeLight === 'false'", timeout=30_000)
     time.sleep(0.5)
-    page.locator(".aiaas-widget").nth(0).screenshot(path=str(ARTIFACTS / "lab-dark-widget.png"))
-    page.screenshot(path=str(ARTIFACTS / "lab-dark.png"))
+    page.locator(".aiaas-widget").nth(0).screenshot(path=str(artifacts / "lab-dark-widget.png"))
+    page.screenshot(path=str(artifacts / "lab-dark.png"))
 
 
-def test_notebook7_widget_runs_and_stops(notebook7: Server, page: Any) -> None:
+def test_notebook7_widget_runs_and_stops(notebook7: Any, page: Any, artifacts: Path) -> None:
     _write_notebook(notebook7, "train.ipynb")
     _run_all(page, notebook7, "train.ipynb")
-    _check_run(page, notebook7, "nb7")
+    _check_run(page, artifacts, "nb7")
