@@ -17,12 +17,14 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load, save
 from server_fixtures import ServerProcess, aiaas_server, start_server  # noqa: F401  (fixture)
 
+from torch import nn
+
 from aiaas_lab._data import Normalizer
 from aiaas_lab._datasets import load_builtin_dataset
+from aiaas_lab._export import export_module
 from aiaas_lab._models import build_model
 
 
@@ -64,6 +66,12 @@ def all_events(client: httpx.Client, job_id: str) -> list[dict[str, Any]]:
     page = client.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000}).json()
     assert page["has_more"] is False
     return page["data"]
+
+
+def model_info(weights: bytes) -> dict[str, Any]:
+    """The "aiaas.model" metadata of a weights file."""
+    (length,) = struct.unpack("<Q", weights[:8])
+    return json.loads(json.loads(weights[8:8 + length])["__metadata__"]["aiaas.model"])
 
 
 def infer_json(client: httpx.Client, name: str, X: torch.Tensor, path: str = "") -> httpx.Response:
@@ -118,10 +126,7 @@ def test_weights_metadata_and_v2_inference_agree_with_a_local_forward(aiaas_serv
         response = client.get("/v1/models/digits-mlp/weights")
         assert response.status_code == 200 and response.headers["content-type"] == "application/octet-stream"
         state = load(response.content)
-        path = aiaas_server.data_dir.parent / "weights.safetensors"
-        path.write_bytes(response.content)
-        with safe_open(str(path), "pt") as f:
-            info = json.loads(f.metadata()["aiaas.model"])
+        info = model_info(response.content)
         assert info["task"] == "classification" and info["input_shape"] == [64] and info["output_size"] == 10
         assert info["spec"]["name"] == "mlp" and len(info["normalizer"]["mean"]) == 64
         assert client.get("/v1/models/digits-mlp/weights", params={"version": 1}).content == response.content
@@ -367,3 +372,55 @@ def test_jobs_queue_beyond_max_jobs_and_cancel_while_queued(one_slot_server: Ser
         assert [e["event"]["reason"] for e in all_events(client, second["id"])] == ["cancelled before it started"]
         assert wait_for(client, first["id"])["status"] == "succeeded"
         assert client.get(f"/v1/jobs/{second['id']}").json()["status"] == "cancelled"
+
+
+class SmallNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.1))
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def test_an_exported_module_trains_serves_and_its_weights_load_locally(aiaas_server: ServerProcess) -> None:
+    torch.manual_seed(0)
+    module = SmallNet()
+    X, y = load_builtin_dataset("digits")
+    graph, weights = export_module(module, X[:8])
+    with aiaas_server.client() as client:
+        refs = {}
+        for key, blob in (("graph", graph), ("weights", weights)):
+            refs[key] = hashlib.sha256(blob).hexdigest()
+            assert client.put(f"/v1/data/{refs[key]}", content=blob).status_code == 201
+        job = client.post("/v1/jobs", json={"model": {"export": refs}, "data": {"builtin": "digits"}, "val": 0.2,
+                                            "name": "exported", "hyperparameters": {"epochs": 4, "normalize": True}}).json()
+        job = wait_for(client, job["id"])
+        assert job["status"] == "succeeded" and job["metrics"]["val_accuracy"] > 0.8, job
+        blob = client.get("/v1/models/exported/weights").content
+        module.load_state_dict(load(blob))  # the same keys as the user's own module
+        module.eval()
+        info = model_info(blob)
+        assert info["spec"] is None and info["input_shape"] == [64]
+        out = torch.tensor(infer_json(client, "exported", X[:30]).json()["outputs"][0]["data"]).reshape(30, 10)
+        assert (out.argmax(1) == y[:30]).float().mean() > 0.8
+        normalizer = Normalizer(torch.tensor(info["normalizer"]["mean"]), torch.tensor(info["normalizer"]["std"]))
+        with torch.no_grad():
+            torch.testing.assert_close(module(normalizer(X[:30])), out, rtol=1e-4, atol=1e-4)
+
+
+def test_a_graph_calling_anything_but_allow_listed_aten_ops_is_refused(aiaas_server: ServerProcess) -> None:
+    graph, weights = export_module(SmallNet(), torch.randn(4, 64))
+    document = json.loads(graph)
+    document["graphs"]["eval"]["nodes"][0]["target"] = "builtins.exec"
+    tampered = json.dumps(document).encode()
+    with aiaas_server.client() as client:
+        refs = {"graph": hashlib.sha256(tampered).hexdigest(), "weights": hashlib.sha256(weights).hexdigest()}
+        client.put(f"/v1/data/{refs['graph']}", content=tampered)
+        client.put(f"/v1/data/{refs['weights']}", content=weights)
+        response = client.post("/v1/jobs", json={"model": {"export": refs}, "data": {"builtin": "digits"}})
+        assert response.status_code == 400
+        assert "allow-listed aten operators" in response.json()["error"] and "builtins.exec" in response.json()["error"]
+        response = client.post("/v1/jobs", json={"model": {"pickle": refs["weights"]}, "data": {"builtin": "digits"}})
+        assert response.status_code == 400 and "--allow-code" in response.json()["error"]
