@@ -177,6 +177,12 @@ function render({ model, el }) {
   tableWrap.addEventListener("scroll", () => {
     follow = tableWrap.scrollTop + tableWrap.clientHeight >= tableWrap.scrollHeight - 2;
   });
+  // A view is first drawn before it is attached, where scrolling does nothing (a refreshed
+  // snapshot re-renders the output with a new view): scroll once it has a size.
+  const resized = new ResizeObserver(() => {
+    if (follow) tableWrap.scrollTop = tableWrap.scrollHeight;
+  });
+  resized.observe(tableWrap);
 
   /** @param {Array<Record<string, number>>} rows @param {State} s */
   function drawTable(rows, s) {
@@ -228,6 +234,7 @@ function render({ model, el }) {
     el,
     cleanup() {
       clearInterval(timer);
+      resized.disconnect();
       model.off("change:state", onChange);
       views.delete(record);
     },
