@@ -157,3 +157,34 @@ def test_remote_training_drives_the_widget(k: Any, aiaas_server: ServerProcess) 
     out = check(k, "r = %aiaas train linear --data digits --epochs 2\nprint(r.status)", aiaas_server.token)
     assert out.stdout.strip().endswith("completed")
     assert out.comm_messages > 0  # the live widget, fed by the server's events
+
+
+def test_attach_loads_a_custom_module_into_the_given_one(k: Any, aiaas_server: ServerProcess) -> None:  # noqa: F811
+    token = aiaas_server.token
+    out = check(k, "import torch\nfrom torch import nn\ntorch.manual_seed(0)\n"
+                   "net = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))\n"
+                   "own = %aiaas train net --data (X, y) --epochs 2 --name own-net --no-widget\n"
+                   "twin = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))\n"
+                   "bare = %aiaas attach {own.job_id} --no-widget\n"
+                   "again = %aiaas attach {own.job_id} --model twin --no-widget\n"
+                   "print(bare.model is None, again.model is twin, torch.equal(twin[0].weight, net[0].weight))", token)
+    assert "model sent as a torch.export graph" in out.stdout
+    assert "own-net is a custom module, so it is not rebuilt here: pass --model NET" in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == "True True True"
+
+
+def test_attach_after_a_kernel_restart_follows_the_job_live(k: Any, aiaas_server: ServerProcess) -> None:  # noqa: F811
+    """Last in this module: it restarts the shared kernel."""
+    token = aiaas_server.token
+    out = check(k, "h = %aiaas train mlp --data digits --epochs 40 --batch-size 16 --background --no-widget\n"
+                   "print(h.job_id)", token)
+    job_id = out.stdout.strip().splitlines()[-1]
+    k.manager.restart_kernel(now=True)
+    k.client.wait_for_ready(timeout=60)
+    check(k, f"%load_ext aiaas_lab\nURL = {aiaas_server.url!r}\nTOKEN = {aiaas_server.token!r}", token)
+    with Client(aiaas_server.url, token) as c:
+        assert c.get_job(job_id)["status"] in ("queued", "running")  # the job outlived the kernel
+    out = check(k, f"%aiaas connect $URL --token $TOKEN\nr = %aiaas attach {job_id} --no-widget\n"
+                   "print(r.status, len(r.history), r.job_id)", token)
+    assert "epoch 1/40" in out.stdout and "completed after 40 epochs" in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == f"completed 40 {job_id}"
