@@ -4,7 +4,8 @@
 Three rules shape it, all measured on this machine (see bench/widget_overhead.py):
 
 * The engine calls the reporter on its hot path, so a call costs a float append and a monotonic
-  clock check; anything more happens at most every `SEND_INTERVAL` seconds.
+  clock check (about 1 us); a send happens at most every `SEND_INTERVAL` seconds, and less often
+  when sends get slow, so that sending takes at most about `SEND_BUDGET` of the run.
 * Each message carries the whole state of the view (a few scalars plus the loss curve and the
   epoch table as float32 bytes, downsampled to a fixed size), so a message lost at iopub's
   high-water mark costs nothing and no message grows with the length of the run.
@@ -12,15 +13,16 @@ Three rules shape it, all measured on this machine (see bench/widget_overhead.py
   widget's own output bundle beside the widget view, refreshed every `SNAPSHOT_INTERVAL` seconds
   and at the end, so a saved notebook shows the final run without a kernel.
 
-Stop while the cell is running: a busy kernel's main thread does not read shell messages until
-the cell ends, and JupyterLab's comm subshell is overridden by ipykernel, which routes a comm's
-incoming messages to whichever shell last sent on it: the cell. So the widget owns a kernel
-subshell (ipykernel >= 7) and routes its comm there; the click is handled on that subshell's
-thread while the loop runs, sets the run's StopSignal, and the loop stops at the next step.
-Measured: 55 ms from the message to the flag in a busy kernel, nothing on the hot path. Pumping
-messages from the loop instead would cost time on every step and re-enter the kernel's event loop
-from inside a cell. Where there is no subshell (ipykernel 6), the click lands when the cell ends,
-the front-end says so after two seconds, and Interrupt stops the run at the next step.
+Stop while the cell is running: a busy kernel's main thread reads no shell message until the cell
+ends, and ipykernel 7.4 routes a comm's incoming messages to the shell that last sent on it (the
+busy cell), whatever subshell the front-end picked. So the widget owns a kernel subshell and
+routes its comm there: the click is handled on that subshell's thread while the loop runs, sets
+the run's StopSignal, and the loop stops at the next step. Measured here: the run ends 5-10 ms
+after the message reaches a busy kernel (without the route, only when the cell ends), and nothing
+is added to the hot path. Pumping messages from the loop instead would cost time on every step
+and re-enter the kernel's event loop from inside a cell. Where the kernel has no subshells
+(ipykernel 6), the click lands when the cell ends, the front-end says so after two seconds, and
+Interrupt stops the run at the next step.
 """
 
 from __future__ import annotations
