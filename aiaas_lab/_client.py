@@ -142,7 +142,9 @@ class _Base:
         token = token if token is not None else os.environ.get("AIAAS_TOKEN")
         self._token = token.strip() if token and token.strip() else None
         self.retries = int(retries)
-        self.timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout, connect=min(5.0, timeout))
+        if not isinstance(timeout, httpx.Timeout):
+            timeout = httpx.Timeout(timeout, connect=min(5.0, timeout))
+        self.timeout = timeout
         self._info: dict[str, Any] | None = None
         self._metadata: dict[tuple[str, str | None], dict[str, Any]] = {}
 
@@ -363,7 +365,8 @@ def _decode_infer(response: httpx.Response, wanted: str | None) -> torch.Tensor:
     for output in result.get("outputs", []):
         dtype = _NUMPY_TYPES.get(output.get("datatype", "FP32"))
         if dtype is None:
-            raise AiaasError(f"The server answered with a {output.get('datatype')} output, which this client cannot read.")
+            raise AiaasError(f"The server answered with a {output.get('datatype')} output, which this client "
+                             "cannot read.")
         shape = [int(d) for d in output.get("shape", [-1])]
         size = (output.get("parameters") or {}).get("binary_data_size")
         if size is not None:

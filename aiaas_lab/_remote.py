@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ._api import Preprocessing, StopSignal, TrainResult, _interrupt_stops, _PREPROCESSING, prepare_run
-from ._client import Client, ModelWeights, RemoteError, _normalize_url
+from ._client import Blob, Client, ModelWeights, RemoteError, _normalize_url
 from ._data import InMemory, Normalizer, to_features
 from ._datasets import BUILTIN_DATASETS, load_builtin_dataset
 from ._engine import TrainConfig
@@ -132,6 +132,19 @@ def _module_payload(client: Client, module: nn.Module, example: torch.Tensor) ->
     return {"pickle": payload.sha256}, "code (cloudpickle), as the server allows with --allow-code", export_failure
 
 
+def _upload_data(client: Client, X: torch.Tensor, y: torch.Tensor, argument: str) -> Blob:
+    try:
+        return client.upload_tensors({"X": X, "y": y})
+    except RemoteError as exc:
+        if exc.status != 413:
+            raise
+        size = X.numel() * X.element_size() + y.numel() * y.element_size()
+        raise BadArgument(argument, f"data small enough for the server at {client.url}",
+                          f"{_megabytes(size)} of tensors, which it refused as too large",
+                          "Its operator can raise aiaas-lab serve --max-upload-mb; the built-in data sets "
+                          f"({', '.join(BUILTIN_DATASETS)}) need no upload.") from None
+
+
 def _submit(client: Client, model: Any, data: Any, cfg: TrainConfig, *, val: Any, target: str | None,
             normalize: bool, workers: int, shard: bool, name: str | None) -> _Submission:
     """Validate locally, upload what the server lacks, and create the job."""
@@ -160,16 +173,17 @@ def _submit(client: Client, model: Any, data: Any, cfg: TrainConfig, *, val: Any
         if builtin_data and val_fraction:
             data_ref, val_ref, data_note = {"builtin": data.replace("_", "-")}, val, f"the built-in {data!r} data"
         else:
-            blob = client.upload_tensors({"X": X, "y": y})
+            blob = _upload_data(client, X, y, "--data")
             data_ref = {"tensors": blob.sha256}
             data_note = (f"data uploaded ({_megabytes(blob.size)})" if blob.uploaded
                          else f"data already on the server ({_megabytes(blob.size)})")
             val_ref = None
             if prepared.val is not None:
                 vX, vy = _tensors(prepared.val, prepared.task)
-                val_ref = {"tensors": client.upload_tensors({"X": vX, "y": vy}).sha256}
+                val_ref = {"tensors": _upload_data(client, vX, vy, "--val").sha256}
         if spec is not None:
-            model_ref, how, export_failure = {"builtin": spec["name"], "config": spec["config"]}, f"the built-in {spec['name']!r}", ""
+            model_ref, export_failure = {"builtin": spec["name"], "config": spec["config"]}, ""
+            how = f"the built-in {spec['name']!r}"
         else:
             model_ref, how, export_failure = _module_payload(client, module, X[:2])
 
@@ -342,12 +356,14 @@ class RemoteRun:
         task = info.get("task") or (started.task if started else "classification")
         classes = self._classes if self._classes is not None else info.get("classes")
         if module is not None and info:
-            normalizer = info.get("normalizer")
-            _PREPROCESSING[module] = Preprocessing(
-                task=task, classes=classes,
-                normalizer=Normalizer(torch.tensor(normalizer["mean"]), torch.tensor(normalizer["std"])) if normalizer else None)
+            stats = info.get("normalizer")
+            normalizer = Normalizer(torch.tensor(stats["mean"]), torch.tensor(stats["std"])) if stats else None
+            _PREPROCESSING[module] = Preprocessing(task=task, classes=classes, normalizer=normalizer)
         reason = ended.reason if ended else ("cancelled before training started" if status == "stopped" else "")
-        seconds = ended.seconds if ended else float((job.get("finished_at") or 0) - (job.get("started_at") or job.get("finished_at") or 0))
+        if ended is not None:
+            seconds = ended.seconds
+        else:
+            seconds = float((job.get("finished_at") or 0) - (job.get("started_at") or job.get("finished_at") or 0))
         return TrainResult(status=status, history=history, model=module, error=error, reason=reason,  # type: ignore[arg-type]
                            seconds=seconds, run_id=started.run_id if started else self.job_id, task=task,
                            classes=classes, hyperparameters=job.get("hyperparameters") or {},
@@ -368,7 +384,8 @@ class RemoteRun:
         return module
 
 
-def _subscribers(progress: Any, stop: StopSignal, callbacks: Iterable[Callable[[Event], None]]) -> list[Callable[[Event], None]]:
+def _subscribers(progress: Any, stop: StopSignal,
+                 callbacks: Iterable[Callable[[Event], None]]) -> list[Callable[[Event], None]]:
     return [s for s in [make_reporter(progress, stop), *callbacks] if s is not None]
 
 

@@ -67,7 +67,8 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture(scope="module")
 def code_server(tmp_path_factory: pytest.TempPathFactory):
     """A second server whose operator allows models sent as code."""
-    server = start_server(tmp_path_factory.mktemp("aiaas-code") / "data", extra_args=["--allow-code", "--max-jobs", "1"])
+    server = start_server(tmp_path_factory.mktemp("aiaas-code") / "data", extra_args=["--allow-code", "--max-jobs", "1",
+                                                                                      "--max-upload-mb", "1"])
     try:
         yield server
     finally:
@@ -221,3 +222,12 @@ def test_clear_errors(aiaas_server: ServerProcess, digits, tmp_path) -> None:  #
         aiaas_lab.predict(local, X[:2], backend=url, token=token)
     with pytest.raises(BadArgument, match=r"^MODEL: expected an nn\.Module or a built-in model"):
         aiaas_lab.train("mpl", "digits", backend=url, token=token, progress=False)
+
+
+def test_data_larger_than_the_server_accepts(code_server: ServerProcess) -> None:
+    X, y = torch.randn(5000, 64), torch.randint(0, 10, (5000,))  # 1.3 MB; this server takes 1 MB
+    with pytest.raises(BadArgument) as info:
+        aiaas_lab.train("mlp", (X, y), epochs=1, backend=code_server.url, token=code_server.token, progress=False)
+    assert str(info.value) == (f"--data: expected data small enough for the server at {code_server.url}, but found "
+                               "1.3 MB of tensors, which it refused as too large. Its operator can raise aiaas-lab "
+                               "serve --max-upload-mb; the built-in data sets (digits, synthetic-mnist) need no upload.")
