@@ -28,7 +28,9 @@ from aiaas_lab._distributed import _free_port
 
 # 1,792 digits, a quarter held out: 1,344 training samples, a whole number of batches of 64
 # (2 workers x 32, or 2 x 16 x 2 accumulated), so one process and two see the very same batches.
-RUN = dict(val=0.25, epochs=3, seed=0, normalize=True, progress=False)
+# One torch thread per process: what each of two workers gets on two cores, and what keeps a
+# local run fast on a machine busy with other work.
+RUN = dict(val=0.25, epochs=3, seed=0, normalize=True, progress=False, threads=1)
 
 
 def digits():
@@ -300,7 +302,8 @@ def test_torchrun_across_two_nodes_on_localhost(tmp_path):
     assert events[-1]["type"] == "run_ended" and events[-1]["status"] == "completed"
     # Two one-process nodes with batch 32 train exactly as one process with batch 64.
     X, y = digits()
-    reference = aiaas_lab.train("mlp", (X, y), epochs=2, batch_size=64, seed=0, normalize=True, progress=False)
+    reference = aiaas_lab.train("mlp", (X, y), epochs=2, batch_size=64, seed=0, normalize=True, progress=False,
+                                threads=1)
     assert max_difference(load_file(str(tmp_path / "model.safetensors")), reference.model) < 1e-5
 
 
