@@ -35,9 +35,11 @@ JOB.json (relative paths are relative to the file's own directory; only "data" i
                  "url": "http://...",      and/or POSTs them there as application/x-ndjson
                  "token": "..."},          with "Authorization: Bearer <token>"
       "output": "model.safetensors",       rank 0 writes the final weights (the model's state
-                                           dict) with metadata "aiaas.outcome" (status, history,
-                                           error, reason, steps, seconds) and
-                                           "aiaas.preprocessing" (task, classes, normalizer)
+                                           dict) with metadata "aiaas.model" (task, classes,
+                                           input_shape, output_size, spec, normalizer: what
+                                           predict needs, as the server stores models) and
+                                           "aiaas.outcome" (status, history, error, reason,
+                                           steps, seconds), before it reports run_ended
       "stop_file": "STOP"                  when this file appears, all ranks stop at the same
                                            step and the weights so far are written; its text is
                                            the reason (write it elsewhere, then rename it here)
@@ -69,7 +71,7 @@ from torch import nn
 from ._data import Prepared, prepare_data
 from ._engine import Outcome, TrainConfig, fit, resolve_device
 from ._errors import AiaasError, BadArgument, close_matches, describe
-from ._events import Event
+from ._events import Event, RunEnded
 
 __all__ = ["main", "run_job"]
 
@@ -153,6 +155,9 @@ def load_job(path: str | os.PathLike[str]) -> _Job:
                               close_matches(key, names))
     cfg = TrainConfig(**config)
     _check_config(cfg)
+    if cfg.checkpoint and raw.get("shard"):
+        raise BadArgument("config.checkpoint", "no checkpoint with shard (sharded checkpoints are not supported)",
+                          repr(cfg.checkpoint))
     if cfg.checkpoint:
         cfg = replace(cfg, checkpoint=str(base / cfg.checkpoint))
 
@@ -406,16 +411,15 @@ def _write_output(path: Path, weights: dict[str, torch.Tensor], outcome: Outcome
 
     normalizer = prepared.normalizer
     metadata = {
+        "aiaas.model": json.dumps({
+            "task": prepared.task, "classes": prepared.classes, "input_shape": list(prepared.input_shape),
+            "output_size": prepared.output_size, "spec": spec,
+            "normalizer": None if normalizer is None else {"mean": normalizer.mean.tolist(),
+                                                            "std": normalizer.std.tolist()}}),
         "aiaas.outcome": json.dumps({"status": outcome.status, "history": outcome.history,
                                      "error": outcome.error, "reason": outcome.reason,
                                      "steps": outcome.steps, "seconds": outcome.seconds, "run_id": run_id}),
-        "aiaas.preprocessing": json.dumps({
-            "task": prepared.task, "classes": prepared.classes,
-            "normalizer": None if normalizer is None else {"mean": normalizer.mean.tolist(),
-                                                            "std": normalizer.std.tolist()}}),
     }
-    if spec is not None:
-        metadata["aiaas.model"] = json.dumps(spec)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(state_dict_to_safetensors(weights), str(tmp), metadata=metadata)
@@ -452,8 +456,16 @@ def run_job(job: _Job) -> int:
         rank = dist.get_rank()
         context = _Rank(model, device, job.shard)
     sink = _EventSink(job.events_file, job.events_url, job.events_token) if rank == 0 else None
+    ended: list[RunEnded] = []
+
+    def emit(event: Event) -> None:
+        if isinstance(event, RunEnded):
+            ended.append(event)  # reported once the weights are written: whoever sees it can load them
+        elif sink is not None:
+            sink(event)
+
     try:
-        outcome = fit(model, prepared, cfg, sink or (lambda event: None), stop, run_id=job.run_id, dist=context)
+        outcome = fit(model, prepared, cfg, emit, stop, run_id=job.run_id, dist=context)
         try:
             weights = context.full_state_dict(model) if context is not None else model.state_dict()
         except Exception as exc:  # a peer died: rank 0 still reports how the run ended
@@ -462,6 +474,8 @@ def run_job(job: _Job) -> int:
                 outcome.status, outcome.error = "failed", f"{type(exc).__name__}: {exc}"
         if rank == 0 and job.output is not None:
             _write_output(job.output, weights, outcome, job.run_id, prepared, spec)
+        if sink is not None and ended:
+            sink(replace(ended[-1], status=outcome.status, error=outcome.error))
     finally:
         if sink is not None:
             sink.close()

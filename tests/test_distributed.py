@@ -274,9 +274,9 @@ def test_stop_file_stops_all_ranks_at_the_same_step_and_events_reach_a_url(tmp_p
     assert set(_EventCollector.auth) == {"Bearer s3cret"}
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
         outcome = json.loads(f.metadata()["aiaas.outcome"])
-        preprocessing = json.loads(f.metadata()["aiaas.preprocessing"])
+        info = json.loads(f.metadata()["aiaas.model"])
     assert outcome["status"] == "stopped" and outcome["steps"] == steps[0]
-    assert preprocessing["task"] == "classification" and len(preprocessing["normalizer"]["mean"]) == 64
+    assert info["task"] == "classification" and info["output_size"] == 10 and len(info["normalizer"]["mean"]) == 64
     weights = load_file(str(tmp_path / "model.safetensors"))
     assert max_difference(weights, load_file(str(tmp_path / "init.safetensors"))) > 0
     assert set(weights) == {"0.weight", "0.bias", "2.weight", "2.bias"}
