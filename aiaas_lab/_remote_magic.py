@@ -6,7 +6,6 @@ token in this kernel's memory only; nothing here ever prints it.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import html
 from typing import Any
@@ -66,10 +65,6 @@ def _backend(magics: Any, given: str | None) -> str:
     return _normalize_url(url)
 
 
-def _parse(magics: Any, parser: _Parser, args: list[str]) -> argparse.Namespace | None:
-    return magics._parse(parser, args)
-
-
 def _job_error(exc: RemoteError, job_id: str, url: str) -> AiaasError:
     if exc.status == 404:
         return BadArgument("JOB_ID", f"a job on {url}", f"{job_id!r}, which it does not have",
@@ -83,7 +78,7 @@ def _connect(magics: Any, args: list[str]) -> None:
                 "models commands. The token (default: AIAAS_TOKEN) stays in this kernel's memory.")
     p.add_argument("url", metavar="URL")
     p.add_argument("--token", metavar="T", help="bearer token for the server")
-    opts = _parse(magics, p, args)
+    opts = magics._parse(p, args)
     if opts is None:
         return None
     url = _normalize_url(opts.url)
@@ -99,7 +94,7 @@ def _connect(magics: Any, args: list[str]) -> None:
 def _jobs(magics: Any, args: list[str]) -> Listing | None:
     p = _Parser(prog="%aiaas jobs", add_help=False, description="List your jobs on the server, newest first.")
     p.add_argument("--backend", metavar="URL")
-    opts = _parse(magics, p, args)
+    opts = magics._parse(p, args)
     if opts is None:
         return None
     with client_for(_backend(magics, opts.backend)) as client:
@@ -127,7 +122,7 @@ def _attach(magics: Any, args: list[str]) -> Any:
     p.add_argument("--model", metavar="NET", help="a local nn.Module to load the trained weights into")
     p.add_argument("--no-widget", action="store_true", help="text progress instead of the widget")
     p.add_argument("-o", dest="output", metavar="NAME", help="also store the result in this variable")
-    opts = _parse(magics, p, args)
+    opts = magics._parse(p, args)
     if opts is None:
         return None
     url = _backend(magics, opts.backend)
@@ -155,7 +150,7 @@ def _cancel(magics: Any, args: list[str]) -> None:
                 description="Stop a job at its next step; the server keeps its checkpoint.")
     p.add_argument("job_id", metavar="JOB_ID")
     p.add_argument("--backend", metavar="URL")
-    opts = _parse(magics, p, args)
+    opts = magics._parse(p, args)
     if opts is None:
         return None
     url = _backend(magics, opts.backend)
@@ -171,7 +166,7 @@ def _cancel(magics: Any, args: list[str]) -> None:
 def _models(magics: Any, args: list[str]) -> Listing | None:
     p = _Parser(prog="%aiaas models", add_help=False, description="List your models on the server.")
     p.add_argument("--backend", metavar="URL")
-    opts = _parse(magics, p, args)
+    opts = magics._parse(p, args)
     if opts is None:
         return None
     with client_for(_backend(magics, opts.backend)) as client:
