@@ -70,6 +70,7 @@ def create_app(config: ServerConfig) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state = app.state
+        state.blobs.remove_partial()
         state.store = Store(data_dir / "aiaas.sqlite3")
         state.registry = Registry(state.store, jobs_dir, config.allow_code)
         state.executor = Executor(state.store, state.blobs, jobs_dir, state.signals, max_jobs=config.max_jobs,
@@ -83,7 +84,7 @@ def create_app(config: ServerConfig) -> Starlette:
             state.store.close()
 
     app = Starlette(
-        routes=v1_routes() + v2_routes(),
+        routes=v2_routes() + v1_routes(),  # routes match in order: inference, the hot path, first
         middleware=[Middleware(AuthMiddleware, tokens=config.tokens),
                     Middleware(BodyLimitMiddleware, max_bytes=int(config.max_upload_mb * 2**20))],
         exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _unexpected},

@@ -42,6 +42,11 @@ class Blobs:
         # A hash, not the name: tenant names come from the tokens file and need not be path-safe.
         return self.root / hashlib.sha256(tenant.encode()).hexdigest()[:24]
 
+    def remove_partial(self) -> None:
+        """Uploads a crash interrupted: never acknowledged, so never visible, and now deleted."""
+        for path in self.root.glob("*/.*.part"):
+            path.unlink(missing_ok=True)
+
     def find(self, tenant: str, sha256: str) -> Path | None:
         path = self.tenant_dir(tenant) / sha256
         return path if path.is_file() else None

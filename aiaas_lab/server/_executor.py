@@ -262,51 +262,67 @@ class Executor:
     async def _launch(self, spec: dict[str, Any]) -> asyncio.subprocess.Process:
         """Start the worker process for one job. The one place a job becomes a process: a
         distributed job (workers > 1) will be launched through torchrun here."""
-        process = self._spare if self._spare is not None and self._spare.returncode is None else None
-        self._spare = None
-        if process is None:
-            process = await self._spawn()
-        assert process.stdin is not None
-        process.stdin.write(orjson.dumps(spec) + b"\n")
-        await process.stdin.drain()
-        process.stdin.close()
+        spare, self._spare = self._spare, None
+        for process in (spare, None):  # the warm spare, or a fresh process if the spare died
+            if process is None or process.returncode is not None:
+                process = await self._spawn()
+            assert process.stdin is not None
+            try:
+                process.stdin.write(orjson.dumps(spec) + b"\n")
+                await process.stdin.drain()
+                process.stdin.close()
+                break
+            except (BrokenPipeError, ConnectionResetError):
+                continue
         self._spare_task = asyncio.create_task(self._refill_spare())
         return process
 
     async def _follow(self, job_id: str, running: _Running) -> None:
-        process = running.process
-        assert process.stdout is not None
         try:
-            async for line in process.stdout:
-                try:
-                    message = orjson.loads(line)
-                    if "event" in message:
-                        event = event_from_dict(message["event"]).to_dict()  # only well-formed engine events
-                        if event["type"] == "run_ended":
-                            running.ended = True
-                            await self._end(job_id, event, running.model)
-                            break
-                        if await self.store.write(_insert_event, job_id, event) is None:
-                            process.kill()  # the job already ended (cancelled while it started)
-                            break
-                        self.signals.fire(job_id)
-                    elif "model" in message:
-                        running.model = message["model"]
-                    elif "error" in message:
-                        running.error = str(message["error"])
-                except (ValueError, TypeError, KeyError) as exc:
-                    print(f"aiaas-lab serve: job {job_id}: ignored a malformed worker message ({exc})", file=sys.stderr)
-            try:
-                code = await asyncio.wait_for(process.wait(), 30 if running.ended else None)
-            except asyncio.TimeoutError:  # finished, but something in it keeps the process alive
-                process.kill()
-                code = await process.wait()
-            if not running.ended and not self._stopping:
-                await self._end(job_id, self._unfinished(job_id, running, code))
+            await self._read_worker(job_id, running)
+        except Exception as exc:  # the job must end even when its output cannot be read or stored
+            if self._stopping:
+                return
+            with contextlib.suppress(ProcessLookupError):
+                running.process.kill()
+            print(f"aiaas-lab serve: job {job_id}: {exc!r}", file=sys.stderr)
+            with contextlib.suppress(Exception):
+                await self._end(job_id, _synthetic_end("failed", error=f"the server lost track of the training "
+                                                                       f"process ({type(exc).__name__}: {exc})"))
         finally:
             if self._running.get(job_id) is running:
                 del self._running[job_id]
             self._wake.set()
+
+    async def _read_worker(self, job_id: str, running: _Running) -> None:
+        process = running.process
+        assert process.stdout is not None
+        async for line in process.stdout:
+            try:
+                message = orjson.loads(line)
+                if "event" in message:
+                    event = event_from_dict(message["event"]).to_dict()  # only well-formed engine events
+                    if event["type"] == "run_ended":
+                        running.ended = True
+                        await self._end(job_id, event, running.model)
+                        break
+                    if await self.store.write(_insert_event, job_id, event) is None:
+                        process.kill()  # the job already ended (cancelled while it started)
+                        break
+                    self.signals.fire(job_id)
+                elif "model" in message:
+                    running.model = message["model"]
+                elif "error" in message:
+                    running.error = str(message["error"])
+            except (ValueError, TypeError, KeyError) as exc:
+                print(f"aiaas-lab serve: job {job_id}: ignored a malformed worker message ({exc})", file=sys.stderr)
+        try:
+            code = await asyncio.wait_for(process.wait(), 30 if running.ended else None)
+        except asyncio.TimeoutError:  # finished, but something in it keeps the process alive
+            process.kill()
+            code = await process.wait()
+        if not running.ended and not self._stopping:
+            await self._end(job_id, self._unfinished(job_id, running, code))
 
     def _unfinished(self, job_id: str, running: _Running, code: int) -> dict[str, Any]:
         row = self.store.one("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,))

@@ -46,8 +46,8 @@ class Served:
     input_shape: tuple[int, ...]
     features: int
     output_size: int
-    mean: Any  # torch.Tensor | None: the training normalizer, applied before the forward pass
-    std: Any
+    scale: Any  # torch.Tensor | None: the training normalizer as x * scale + shift, one fused op
+    shift: Any
 
 
 class Registry:
@@ -124,13 +124,14 @@ class Registry:
         for parameter in module.parameters():
             parameter.requires_grad_(False)
         normalizer = info.get("normalizer")
-        mean = std = None
+        scale = shift = None
         if normalizer is not None:
             mean = torch.tensor(normalizer["mean"], dtype=torch.float32)
             std = torch.tensor(normalizer["std"], dtype=torch.float32)
+            scale, shift = 1.0 / std, -mean / std
         shape = tuple(int(d) for d in info["input_shape"])
         return Served(name=row["name"], version=row["version"], module=module, input_shape=shape,
-                      features=math.prod(shape), output_size=int(info["output_size"]), mean=mean, std=std)
+                      features=math.prod(shape), output_size=int(info["output_size"]), scale=scale, shift=shift)
 
 
 def _version(version: int | str) -> int:

@@ -173,6 +173,7 @@ async def _stream(request: Request, job_id: str, after: int) -> AsyncIterator[by
             after = rows[-1]["seq"]
             continue
         if status in TERMINAL:
+            state.signals.fire(job_id)  # drops the waiter: nothing about this job changes any more
             return
         try:
             await asyncio.wait_for(waiter.wait(), keepalive)

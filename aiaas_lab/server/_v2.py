@@ -129,10 +129,9 @@ def _wants_binary(request: dict[str, Any]) -> bool:
 
 
 def _forward(served: Served, x: torch.Tensor) -> torch.Tensor:
-    if served.mean is not None:
-        flat = x.reshape(x.shape[0], -1)
-        x = ((flat - served.mean) / served.std).reshape(x.shape)
     with torch.inference_mode():
+        if served.scale is not None:
+            x = torch.addcmul(served.shift, x.reshape(x.shape[0], -1), served.scale).reshape(x.shape)
         out = served.module(x)
     if isinstance(out, (tuple, list)):
         out = out[0]
