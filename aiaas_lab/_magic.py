@@ -167,6 +167,10 @@ class AiaasMagics(Magics):
     backend = Unicode(None, allow_none=True, config=True,
                       help="Default server URL for --backend (set by %aiaas connect).")
 
+    def __init__(self, shell: Any = None, **kwargs: Any) -> None:
+        super().__init__(shell, **kwargs)
+        self._trained: dict[str, Any] = {}  # built-in name -> the module last trained under it
+
     @line_cell_magic
     def aiaas(self, line: str, cell: str | None = None) -> Any:
         text = line if cell is None else f"{line} {' '.join(cell.split())}"
@@ -242,10 +246,11 @@ class AiaasMagics(Magics):
             resume=opts.resume, workers=opts.workers, shard=opts.shard, background=opts.background,
             backend=opts.backend or self.backend, name=opts.name,
             progress=self._progress(opts.no_widget))
-        if isinstance(model, str) and not opts.background and getattr(result, "model", None) is not None:
-            # A built-in trained by name stays reachable by that name, so the next line can be
-            # `%aiaas predict mlp --data ...`.
-            self.shell.user_ns[model] = result.model
+        if isinstance(model, str) and getattr(result, "model", None) is not None:
+            # The last built-in trained by name answers to that name in `%aiaas predict mlp`, while
+            # `%aiaas train mlp` always starts from a fresh one. Nothing is written into the
+            # user's namespace behind their back.
+            self._trained[model] = result.model
         self._store(opts.output, result)
         return result
 
@@ -255,11 +260,13 @@ class AiaasMagics(Magics):
             return None
         backend = opts.backend or self.backend
         try:
-            model = self._evaluate(opts.model, "MODEL")
+            model = self._evaluate(opts.model, "MODEL", tuple(self._trained))
         except UsageError:
             if backend is None or not opts.model.replace("-", "_").replace(".", "_").isidentifier():
                 raise
             model = opts.model  # a model name on the server
+        if isinstance(model, str) and model in self._trained:
+            model = self._trained[model]
         data = self._evaluate(opts.data, "--data", BUILTIN_DATASETS)
         out = predict(model, data, batch_size=opts.batch_size, classes=opts.classes, backend=backend)
         self._store(opts.output, out)

@@ -51,6 +51,15 @@ def test_builtins_when_nothing_is_defined(k):
     assert pred.stdout.startswith("tensor([")
 
 
+def test_each_builtin_training_starts_fresh_and_predict_uses_the_last(k):
+    out = k.check("a = %aiaas train linear --data digits --epochs 1 --seed 3 --no-widget\n"
+                  "b = %aiaas train linear --data digits --epochs 1 --seed 3 --no-widget\n"
+                  "p = %aiaas predict linear --data X[:4] --no-widget\n"
+                  "print(a.history == b.history, a.model is not b.model, torch.equal(p, b.model(torch.tensor(X[:4], dtype=torch.float32))),"
+                  " 'linear' in globals())")
+    assert out.stdout.strip().splitlines()[-1] == "True True True False"
+
+
 def test_cell_magic_takes_options_from_the_body(k):
     out = k.check("%%aiaas train net\n--data (X, y)\n--epochs 2\n--optimizer sgd --lr 0.01\n--no-widget")
     assert "TrainResult: completed, 2 epochs" in out.text
