@@ -248,3 +248,60 @@ async def test_unknown_paths_methods_and_parameters_get_json_errors(tmp_path: Pa
             assert_error(await client.get(path), 404, "no model")
         assert_error(await client.post("/v2/models/none/infer", json={}), 404, "no model")
         assert_error(await client.get("/v2/models/none/versions/x"), 400, "version")
+
+
+async def test_live_stream_sends_keepalives_then_ends_with_the_job(tmp_path: Path) -> None:
+    import anyio
+
+    app = create_app(ServerConfig(data_dir=tmp_path, tokens={ALICE: "alice"}, max_jobs=0, keepalive_s=0.1))
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://aiaas.test",
+                                     headers={"Authorization": f"Bearer {ALICE}"}) as client:
+            job = (await client.post("/v1/jobs", json=JOB)).json()
+            chunks: list[bytes] = []
+            finished = anyio.Event()
+
+            async def receive() -> dict[str, Any]:
+                await finished.wait()  # the client stays connected until the stream ends
+                return {"type": "http.disconnect"}
+
+            async def send(message: dict[str, Any]) -> None:
+                if message["type"] == "http.response.body":
+                    chunks.append(message.get("body", b""))
+                    if not message.get("more_body", False):
+                        finished.set()
+
+            path = f"/v1/jobs/{job['id']}/events"
+            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+                     "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+                     "headers": [(b"host", b"aiaas.test"), (b"authorization", f"Bearer {ALICE}".encode()),
+                                 (b"accept", b"text/event-stream")],
+                     "client": ("127.0.0.1", 1), "server": ("aiaas.test", 80)}
+            with anyio.fail_after(20):
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(app, scope, receive, send)
+                    while sum(c == b": keep-alive\n\n" for c in chunks) < 2:  # a queued job: nothing but keep-alives
+                        await anyio.sleep(0.02)
+                    assert (await client.post(f"/v1/jobs/{job['id']}/cancel")).json()["status"] == "cancelled"
+                    await finished.wait()
+            frames = [c for c in chunks if c and not c.startswith(b":")]
+            assert len(frames) == 1 and frames[0].startswith(b"id: 1\nevent: run_ended\ndata: ")
+
+
+def test_serve_refuses_to_run_without_a_token_or_with_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from aiaas_lab.server import serve_main
+
+    for argv, words in ((["--data-dir", str(tmp_path)], "--insecure"),
+                        (["--tokens-file", str(tmp_path / "missing.txt")], "--tokens-file"),
+                        (["--token", "t", "--max-jobs", "0"], "--max-jobs"),
+                        (["--token", "t", "--max-upload-mb", "-1"], "--max-upload-mb"),
+                        (["--token", ""], "empty")):
+        with pytest.raises(SystemExit) as exit_info:
+            serve_main(argv)
+        assert exit_info.value.code == 2
+        assert words in capsys.readouterr().err
+    bad = tmp_path / "tokens.txt"
+    bad.write_text("token-without-tenant\n")
+    with pytest.raises(SystemExit):
+        serve_main(["--tokens-file", str(bad)])
+    assert "line 1: expected 'TOKEN TENANT'" in capsys.readouterr().err
