@@ -140,7 +140,7 @@ def _graph_to_json(program: Any) -> dict[str, Any]:
         inputs.append(entry)
     outputs = []
     values = program.graph.output_node().args[0]
-    for spec, value in zip(program.graph_signature.output_specs, values):
+    for spec, value in zip(program.graph_signature.output_specs, values, strict=True):
         if spec.kind == OutputKind.USER_OUTPUT:
             outputs.append({"kind": "user_output", "value": _encode(value)})
         elif spec.kind == OutputKind.BUFFER_MUTATION:
@@ -367,7 +367,7 @@ class ExportedModule(nn.Module):
         args = [x if t is None else _lookup(self, t) for t in targets]
         results = gm(*args)
         user = []
-        for spec, value in zip(outputs, results):
+        for spec, value in zip(outputs, results, strict=True):
             if spec["kind"] == "buffer_mutation":
                 with torch.no_grad():
                     _lookup(self, spec["target"]).copy_(value)

@@ -19,7 +19,6 @@ import pytest
 import torch
 from safetensors.torch import load, save
 from server_fixtures import ServerProcess, aiaas_server, start_server  # noqa: F401  (fixture)
-
 from torch import nn
 
 from aiaas_lab._data import Normalizer

@@ -18,21 +18,21 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import orjson
 
-from .._events import RunEnded, event_from_dict
+from .._events import event_from_dict
 from ._blobs import Blobs
-from ._jobs import TERMINAL
+from ._ledger import claim, finish, insert_event, request_cancel, synthetic_end
 from ._store import Store
 
 __all__ = ["Executor", "JobSignals", "MAX_LAUNCHES"]
 
 MAX_LAUNCHES = 4  # the first run and three resumes after the server stopped under it
-_STATUS = {"completed": "succeeded", "stopped": "cancelled", "failed": "failed"}
 
 
 class JobSignals:
@@ -60,60 +60,6 @@ class _Running:
     ended: bool = False
 
 
-# ---------------------------------------------------------------- transactions (writer thread)
-
-def _insert_event(conn: Any, job_id: str, event: dict[str, Any]) -> int | None:
-    """Append the job's next event; None (nothing stored) once the job is terminal."""
-    row = conn.execute("UPDATE jobs SET last_event = last_event + 1 WHERE id = ? AND status NOT IN "
-                       "('succeeded', 'failed', 'cancelled') RETURNING last_event", (job_id,)).fetchone()
-    if row is None:
-        return None
-    seq = row[0]
-    conn.execute("INSERT INTO events (job_id, seq, type, data) VALUES (?, ?, ?, ?)",
-                 (job_id, seq, event["type"], orjson.dumps(event).decode()))
-    if event["type"] == "epoch_end":
-        conn.execute("UPDATE jobs SET metrics = ? WHERE id = ?", (orjson.dumps(event["metrics"]).decode(), job_id))
-    return seq
-
-
-def _finish(conn: Any, job_id: str, ended: dict[str, Any], model: dict[str, Any] | None,
-            now: float) -> tuple[str, str] | None:
-    """The last event, the terminal status and the model, together. Returns (tenant, model name)
-    when a model was registered."""
-    job = conn.execute("SELECT tenant, status, request, cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
-    if job is None or job["status"] in TERMINAL:
-        return None
-    status = _STATUS[ended["status"]]
-    _insert_event(conn, job_id, ended)
-    name = version = None
-    if status == "succeeded" and model is not None:
-        name = orjson.loads(job["request"])["name"] or job_id
-        version = conn.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM models WHERE tenant = ? AND name = ?",
-                               (job["tenant"], name)).fetchone()[0]
-        conn.execute("INSERT INTO models (tenant, name, version, job_id, created_at, info) VALUES (?, ?, ?, ?, ?, ?)",
-                     (job["tenant"], name, version, job_id, now, orjson.dumps(model).decode()))
-    error = ended.get("error") if status == "failed" else None
-    conn.execute("UPDATE jobs SET status = ?, finished_at = ?, error = ?, model_name = ?, model_version = ? WHERE id = ?",
-                 (status, now, error, name, version, job_id))
-    return (job["tenant"], name) if name is not None else None
-
-
-def _claim(conn: Any, job_id: str, now: float) -> dict[str, Any] | None:
-    """Mark the job running for one more launch; None when it is terminal or out of launches."""
-    job = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-    if job is None or job["status"] in TERMINAL:
-        return None
-    conn.execute("UPDATE jobs SET status = 'running', attempts = attempts + 1, "
-                 "started_at = COALESCE(started_at, ?) WHERE id = ?", (now, job_id))
-    return dict(job) | {"attempts": job["attempts"] + 1}
-
-
-def _synthetic_end(status: str, reason: str = "", error: str | None = None) -> dict[str, Any]:
-    """A run_ended event for a job the engine never finished, so every event stream ends with one."""
-    return RunEnded(status=status, epochs_completed=0, steps=0, seconds=0.0, reason=reason,  # type: ignore[arg-type]
-                    error=error, time=time.time()).to_dict()
-
-
 class Executor:
     def __init__(self, store: Store, blobs: Blobs, jobs_dir: Path, signals: JobSignals, *, max_jobs: int,
                  threads_per_job: int, allow_code: bool,
@@ -133,7 +79,7 @@ class Executor:
 
     async def start(self) -> None:
         for row in self.store.all("SELECT id FROM jobs WHERE status = 'running' AND cancel_requested = 1"):
-            await self._end(row["id"], _synthetic_end("stopped", "cancelled"))  # cancelled while the server was down
+            await self._end(row["id"], synthetic_end("stopped", "cancelled"))  # cancelled while the server was down
         self._spare_task = asyncio.create_task(self._refill_spare())
         self._loop_task = asyncio.create_task(self._schedule())
         self._wake.set()
@@ -182,14 +128,14 @@ class Executor:
                 except Exception as exc:  # a job that cannot even start fails alone
                     print(f"aiaas-lab serve: job {job_id} could not start: {exc!r}", file=sys.stderr)
                     self._running.pop(job_id, None)
-                    await self._end(job_id, _synthetic_end("failed", error=f"the job could not start: {exc}"))
+                    await self._end(job_id, synthetic_end("failed", error=f"the job could not start: {exc}"))
 
     async def _start_job(self, job_id: str) -> None:
-        job = await self.store.write(_claim, job_id, time.time())
+        job = await self.store.write(claim, job_id, time.time())
         if job is None:
             return
         if job["attempts"] > MAX_LAUNCHES:
-            await self._end(job_id, _synthetic_end(
+            await self._end(job_id, synthetic_end(
                 "failed", error=f"the server stopped {MAX_LAUNCHES} times while this job ran; it was not "
                                 "restarted again (its last checkpoint is kept on the server)"))
             return
@@ -287,7 +233,7 @@ class Executor:
                 running.process.kill()
             print(f"aiaas-lab serve: job {job_id}: {exc!r}", file=sys.stderr)
             with contextlib.suppress(Exception):
-                await self._end(job_id, _synthetic_end("failed", error=f"the server lost track of the training "
+                await self._end(job_id, synthetic_end("failed", error=f"the server lost track of the training "
                                                                        f"process ({type(exc).__name__}: {exc})"))
         finally:
             if self._running.get(job_id) is running:
@@ -306,7 +252,7 @@ class Executor:
                         running.ended = True
                         await self._end(job_id, event, running.model)
                         break
-                    if await self.store.write(_insert_event, job_id, event) is None:
+                    if await self.store.write(insert_event, job_id, event) is None:
                         process.kill()  # the job already ended (cancelled while it started)
                         break
                     self.signals.fire(job_id)
@@ -327,14 +273,14 @@ class Executor:
     def _unfinished(self, job_id: str, running: _Running, code: int) -> dict[str, Any]:
         row = self.store.one("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,))
         if row is not None and row["cancel_requested"]:
-            return _synthetic_end("stopped", "cancelled")
+            return synthetic_end("stopped", "cancelled")
         if running.error is not None:
-            return _synthetic_end("failed", error=running.error)
-        return _synthetic_end("failed", error=f"the training process exited unexpectedly ({_describe_exit(code)})"
+            return synthetic_end("failed", error=running.error)
+        return synthetic_end("failed", error=f"the training process exited unexpectedly ({_describe_exit(code)})"
                                                + _log_tail(self.jobs_dir / job_id / "worker.log"))
 
     async def _end(self, job_id: str, event: dict[str, Any], model: dict[str, Any] | None = None) -> None:
-        registered = await self.store.write(_finish, job_id, event, model, time.time())
+        registered = await self.store.write(finish, job_id, event, model, time.time())
         if registered is not None:
             self.on_model(*registered)
         self.signals.fire(job_id)
@@ -343,14 +289,7 @@ class Executor:
 
     async def cancel(self, job_id: str) -> None:
         """Ask a job to stop; a queued one (or one waiting to resume) ends at once."""
-        def request(conn: Any) -> str | None:
-            row = conn.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None or row["status"] in TERMINAL:
-                return None
-            conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
-            return row["status"]
-
-        status = await self.store.write(request)
+        status = await self.store.write(request_cancel, job_id)
         if status is None:
             return
         running = self._running.get(job_id)
@@ -358,7 +297,7 @@ class Executor:
             return  # _start_job signals it once the process exists
         if running is None:
             reason = "cancelled before it started" if status == "queued" else "cancelled"
-            await self._end(job_id, _synthetic_end("stopped", reason))
+            await self._end(job_id, synthetic_end("stopped", reason))
             return
         with contextlib.suppress(ProcessLookupError):
             running.process.send_signal(signal.SIGUSR1)

@@ -100,8 +100,8 @@ def _only(obj: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
 
 
 def _check_model(raw: Any, blobs: Blobs, tenant: str, allow_code: bool) -> dict[str, Any]:
-    from .._export import check_graph
     from .._errors import AiaasError
+    from .._export import check_graph
 
     if not isinstance(raw, dict) or len(raw) == 0:
         raise _fail("model", '{"builtin": NAME}, {"export": {"graph", "weights"}} or {"pickle": SHA}', raw)

@@ -16,7 +16,8 @@ from starlette.routing import Route
 
 from ._blobs import check_sha256
 from ._http import ApiError, json_response, read_json
-from ._jobs import TERMINAL, new_job_id, render_job, validate_request
+from ._jobs import TERMINAL, render_job, validate_request
+from ._ledger import create_job_row
 from ._registry import model_entry
 
 __all__ = ["v1_routes"]
@@ -67,23 +68,6 @@ async def head_blob(request: Request) -> Response:
 
 # ---------------------------------------------------------------- jobs
 
-def _create(conn: Any, tenant: str, request: dict[str, Any], key: str | None, digest: str,
-            now: float) -> tuple[dict[str, Any], bool]:
-    if key is not None:
-        existing = conn.execute("SELECT * FROM jobs WHERE tenant = ? AND idempotency_key = ?", (tenant, key)).fetchone()
-        if existing is not None:
-            if existing["request_hash"] != digest:
-                raise ApiError(409, "Idempotency-Key was already used for a different job request; "
-                                    "use a new key for a new job.")
-            return dict(existing), False
-    job_id = new_job_id()
-    hyperparameters = orjson.dumps(request["hyperparameters"]).decode()
-    conn.execute("INSERT INTO jobs (id, tenant, status, created_at, request, hyperparameters, idempotency_key, "
-                 "request_hash) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?)",
-                 (job_id, tenant, now, orjson.dumps(request).decode(), hyperparameters, key, digest))
-    return dict(conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()), True
-
-
 async def create_job(request: Request) -> Response:
     state = _state(request)
     key = request.headers.get("idempotency-key")
@@ -95,7 +79,7 @@ async def create_job(request: Request) -> Response:
     digest = hashlib.sha256(orjson.dumps(job_request, option=orjson.OPT_SORT_KEYS)).hexdigest()
     if job_request["hyperparameters"]["seed"] is None:  # drawn once and recorded: a resumed run reshuffles alike
         job_request["hyperparameters"]["seed"] = secrets.randbelow(2**31 - 1)
-    job, created = await state.store.write(_create, request.state.tenant, job_request, key, digest, time.time())
+    job, created = await state.store.write(create_job_row, request.state.tenant, job_request, key, digest, time.time())
     if created:
         state.executor.wake()
     return json_response(render_job(job), 201 if created else 200)
