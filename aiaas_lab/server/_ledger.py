@@ -23,7 +23,8 @@ _STATUS = {"completed": "succeeded", "stopped": "cancelled", "failed": "failed"}
 
 
 def create_job_row(conn: Any, tenant: str, request: dict[str, Any], key: str | None, digest: str,
-            now: float) -> tuple[dict[str, Any], bool]:
+                   now: float) -> tuple[dict[str, Any], bool]:
+    """A new queued job, or the one this Idempotency-Key created before; (row, created)."""
     if key is not None:
         existing = conn.execute("SELECT * FROM jobs WHERE tenant = ? AND idempotency_key = ?", (tenant, key)).fetchone()
         if existing is not None:
