@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, Response, StreamingResponse
@@ -74,7 +75,9 @@ async def create_job(request: Request) -> Response:
     if key is not None and not 0 < len(key) <= 255:
         raise ApiError(400, "Idempotency-Key: expected 1 to 255 characters.")
     body = await read_json(request)
-    job_request = validate_request(body, state.blobs, request.state.tenant, state.config.allow_code)
+    # Validation reads uploads (a safetensors header, a whole export graph): off the event loop.
+    job_request = await anyio.to_thread.run_sync(validate_request, body, state.blobs, request.state.tenant,
+                                                 state.config.allow_code)
     # An Idempotency-Key matches the same request however its JSON was spelled (key order, defaults).
     digest = hashlib.sha256(orjson.dumps(job_request, option=orjson.OPT_SORT_KEYS)).hexdigest()
     if job_request["hyperparameters"]["seed"] is None:  # drawn once and recorded: a resumed run reshuffles alike
