@@ -79,15 +79,64 @@ def _build_builtin(name: str, config: dict[str, Any], data: Any, cfg: Any, val: 
         raise BadArgument("model", f"data that fits the {name} model", str(exc)) from None
 
 
+def _prepare(job: dict[str, Any], cfg: Any) -> tuple[Any, Any, dict[str, Any] | None]:
+    """The module, the prepared data and the built-in spec (None for a module sent by the client)."""
+    from .._api import prepare_run
+    from .._datasets import load_builtin_dataset
+    from .._errors import AiaasError
+
+    h = job["hyperparameters"]
+    data_ref = job["data"]
+    data = (load_builtin_dataset(data_ref["builtin"], cfg.seed) if "builtin" in data_ref
+            else _load_pair(data_ref["tensors"]))
+    val = job["val"]
+    if isinstance(val, dict):
+        val = _load_pair(val["tensors"])
+    model_ref = job["model"]
+    spec = None
+    if "builtin" in model_ref and not model_ref.get("config"):
+        model: Any = model_ref["builtin"]
+    elif "builtin" in model_ref:
+        model, spec = _build_builtin(model_ref["builtin"], model_ref["config"], data, cfg, val, h["normalize"])
+    elif "export" in model_ref:
+        from .._export import load_exported
+
+        with open(model_ref["export"]["graph"], "rb") as g, open(model_ref["export"]["weights"], "rb") as w:
+            model = load_exported(g.read(), w.read())
+    else:
+        from .._export import load_pickled
+
+        if not job.get("allow_code"):
+            raise AiaasError("model.pickle: this server does not run models sent as code.")
+        with open(model_ref["pickle"], "rb") as f:
+            model = load_pickled(f.read())
+    module, prepared, built_spec = prepare_run(model, data, cfg, val=val, target=None, normalize=h["normalize"])
+    return module, prepared, spec or built_spec
+
+
+def _save_model(module: Any, prepared: Any, spec: dict[str, Any] | None) -> dict[str, Any]:
+    """Write model.safetensors (the state dict, plus what predicting needs as metadata)."""
+    from safetensors.torch import save_file
+
+    from .._checkpoint import state_dict_to_safetensors
+
+    normalizer = prepared.normalizer
+    info = {"task": prepared.task, "classes": prepared.classes,
+            "input_shape": list(prepared.input_shape), "output_size": prepared.output_size, "spec": spec,
+            "normalizer": None if normalizer is None else {"mean": normalizer.mean.tolist(),
+                                                           "std": normalizer.std.tolist()}}
+    save_file(state_dict_to_safetensors(module.state_dict()), "model.safetensors.tmp",
+              metadata={"aiaas.model": json.dumps(info)})
+    os.replace("model.safetensors.tmp", "model.safetensors")
+    return info
+
+
 def run_job(job: dict[str, Any], channel: BinaryIO, stop: Any) -> int:
     """Run one job (cwd is its directory); report through `channel`. Returns the exit code."""
     import dataclasses
 
     import torch
 
-    from .._api import prepare_run
-    from .._checkpoint import state_dict_to_safetensors
-    from .._datasets import load_builtin_dataset
     from .._engine import TrainConfig, fit
     from .._errors import AiaasError
     from .._events import Event, RunEnded
@@ -99,32 +148,7 @@ def run_job(job: dict[str, Any], channel: BinaryIO, stop: Any) -> int:
                       clip=h["clip"], patience=h["patience"], seed=h["seed"],
                       checkpoint="checkpoint", resume=True)  # resume: a restarted job continues
     try:
-        data_ref = job["data"]
-        data = (load_builtin_dataset(data_ref["builtin"], cfg.seed) if "builtin" in data_ref
-                else _load_pair(data_ref["tensors"]))
-        val = job["val"]
-        if isinstance(val, dict):
-            val = _load_pair(val["tensors"])
-        model_ref = job["model"]
-        spec = None
-        if "builtin" in model_ref and not model_ref.get("config"):
-            model: Any = model_ref["builtin"]
-        elif "builtin" in model_ref:
-            model, spec = _build_builtin(model_ref["builtin"], model_ref["config"], data, cfg, val, h["normalize"])
-        elif "export" in model_ref:
-            from .._export import load_exported
-
-            with open(model_ref["export"]["graph"], "rb") as g, open(model_ref["export"]["weights"], "rb") as w:
-                model = load_exported(g.read(), w.read())
-        else:
-            from .._export import load_pickled
-
-            if not job.get("allow_code"):
-                raise AiaasError("model.pickle: this server does not run models sent as code.")
-            with open(model_ref["pickle"], "rb") as f:
-                model = load_pickled(f.read())
-        module, prepared, built_spec = prepare_run(model, data, cfg, val=val, target=None, normalize=h["normalize"])
-        spec = spec or built_spec
+        module, prepared, spec = _prepare(job, cfg)
     except AiaasError as exc:
         _send(channel, {"error": str(exc)})
         return 0
@@ -145,19 +169,8 @@ def run_job(job: dict[str, Any], channel: BinaryIO, stop: Any) -> int:
                                             steps=outcome.steps, seconds=outcome.seconds,
                                             error=outcome.error or "the engine ended without a run_ended event")
     if final.status == "completed":
-        normalizer = prepared.normalizer
-        info = {"task": prepared.task, "classes": prepared.classes,
-                "input_shape": list(prepared.input_shape), "output_size": prepared.output_size,
-                "spec": spec,
-                "normalizer": None if normalizer is None else {"mean": normalizer.mean.tolist(),
-                                                               "std": normalizer.std.tolist()}}
         try:
-            from safetensors.torch import save_file
-
-            save_file(state_dict_to_safetensors(module.state_dict()), "model.safetensors.tmp",
-                      metadata={"aiaas.model": json.dumps(info)})
-            os.replace("model.safetensors.tmp", "model.safetensors")
-            _send(channel, {"model": info})
+            _send(channel, {"model": _save_model(module, prepared, spec)})
         except Exception as exc:
             final = dataclasses.replace(final, status="failed",
                                         error=f"the trained weights could not be saved: {type(exc).__name__}: {exc}")
