@@ -304,3 +304,13 @@ def test_serve_refuses_to_run_without_a_token_or_with_bad_options(tmp_path: Path
     with pytest.raises(SystemExit):
         serve_main(["--tokens-file", str(bad)])
     assert "line 1: expected 'TOKEN TENANT'" in capsys.readouterr().err
+
+
+def test_one_server_per_data_dir(tmp_path: Path) -> None:
+    from aiaas_lab._errors import AiaasError
+
+    app = create_app(ServerConfig(data_dir=tmp_path, tokens={ALICE: "alice"}, max_jobs=0))
+    with pytest.raises(AiaasError, match="in use by another aiaas-lab serve"):
+        create_app(ServerConfig(data_dir=tmp_path, tokens={ALICE: "alice"}, max_jobs=0))
+    app.state.lock.close()
+    create_app(ServerConfig(data_dir=tmp_path, tokens={ALICE: "alice"}, max_jobs=0)).state.lock.close()

@@ -8,6 +8,7 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -15,6 +16,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
+from .._errors import AiaasError
 from ._auth import AuthMiddleware
 from ._blobs import Blobs
 from ._executor import Executor, JobSignals
@@ -61,15 +63,36 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return error_response(500, "the server failed to handle this request; its log has the details")
 
 
+def _lock(data_dir: Path) -> IO[str]:
+    """One server per data dir: two would run the same jobs into the same checkpoints. The
+    kernel drops the lock when the process dies, however it dies, so a restart is never blocked."""
+    handle = open(data_dir / "server.lock", "a+")  # noqa: SIM115 - held for the app's lifetime
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; one server per data dir is up to the operator
+        return handle
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise AiaasError(f"--data-dir {data_dir} is in use by another aiaas-lab serve; stop it first or "
+                         "give this one another --data-dir") from None
+    return handle
+
+
 def create_app(config: ServerConfig) -> Starlette:
+    """The app over `config.data_dir`, which it locks; raises AiaasError if another server holds it."""
     data_dir = Path(config.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     jobs_dir = data_dir / "jobs"
     jobs_dir.mkdir(exist_ok=True)
+    lock = _lock(data_dir)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state = app.state
+        if state.lock.closed:  # a second lifespan of the same app
+            state.lock = _lock(data_dir)
         state.blobs.remove_partial()
         state.store = Store(data_dir / "aiaas.sqlite3")
         state.registry = Registry(state.store, jobs_dir, config.allow_code)
@@ -82,6 +105,7 @@ def create_app(config: ServerConfig) -> Starlette:
         finally:
             await state.executor.stop()
             state.store.close()
+            state.lock.close()
 
     app = Starlette(
         routes=v2_routes() + v1_routes(),  # routes match in order: inference, the hot path, first
@@ -91,6 +115,7 @@ def create_app(config: ServerConfig) -> Starlette:
         lifespan=lifespan,
     )
     app.state.config = config
+    app.state.lock = lock
     app.state.jobs_dir = jobs_dir
     app.state.blobs = Blobs(data_dir / "blobs")
     app.state.signals = JobSignals()

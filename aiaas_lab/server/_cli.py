@@ -71,6 +71,7 @@ def serve_main(argv: list[str]) -> int:
     import torch
     import uvicorn
 
+    from .._errors import AiaasError
     from ._app import ServerConfig, create_app
 
     torch.set_num_threads(1)  # inference: one thread per request beats contention among many
@@ -82,7 +83,13 @@ def serve_main(argv: list[str]) -> int:
     port = sock.getsockname()[1]
     config = ServerConfig(data_dir=opts.data_dir.resolve(), tokens=tokens, max_jobs=opts.max_jobs,
                           max_upload_mb=opts.max_upload_mb, allow_code=opts.allow_code)
-    app = create_app(config)
+    try:
+        app = create_app(config)
+    except (OSError, AiaasError) as exc:
+        sock.close()
+        reason = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.strerror else str(exc)
+        print(f"aiaas-lab serve: {reason}", file=sys.stderr)
+        return 1
     host = f"[{opts.host}]" if ":" in opts.host else opts.host
     tenants = len(set(tokens.values()))
     auth = f"{len(tokens)} token{'s' if len(tokens) != 1 else ''}, {tenants} tenant{'s' if tenants != 1 else ''}" \
