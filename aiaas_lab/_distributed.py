@@ -37,8 +37,9 @@ from ._progress import make_reporter
 
 __all__ = ["train_distributed"]
 
-# After the first worker exits, the others get this long to finish on their own (a peer's death
-# reaches them as a connection error at their next collective) before they are killed.
+# Once the run is over (rank 0 reported its end, or a worker exited), the workers get this long
+# to exit on their own (a peer's death reaches them as a connection error at their next
+# collective) before they are killed.
 _GRACE_S = 5.0
 _POLL_S = 0.05
 
@@ -50,24 +51,37 @@ def train_distributed(model: Any, data: Any, cfg: TrainConfig, *, workers: int, 
                       shard: bool = False) -> TrainResult:
     workers = int(workers)
     _check_options(cfg, workers, shard)
-    module, prepared, spec = prepare_run(model, data, cfg, val=val, target=target, normalize=normalize)
-    if not isinstance(prepared.train, InMemory):
-        raise BadArgument("--workers", "in-memory data to shard across workers (tensors, arrays, a DataFrame "
-                          "or a built-in data set)", describe(data),
-                          "Pass the tensors themselves, or train with --workers 1.")
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
     stop = stop or StopSignal()
-    subscribers = [s for s in [make_reporter(progress, stop), *callbacks] if s is not None]
-
-    def emit(event: Event) -> None:
-        for subscriber in subscribers:
-            subscriber(event)
-
-    run_id = uuid.uuid4().hex[:12]
     with tempfile.TemporaryDirectory(prefix="aiaas-run-") as tmp:
-        job = _write_job(Path(tmp), module, spec, prepared, cfg, run_id=run_id, shard=shard,
-                         threads=threads or max(1, (os.cpu_count() or 1) // workers))
-        with _interrupt_stops(stop):
-            outcome, weights = _run_workers(job, workers, emit, stop)
+        directory = Path(tmp)
+        # The workers start first: their imports (seconds) overlap checking and writing the job.
+        procs = _start_workers(directory, workers, threads)
+        try:
+            module, prepared, spec = prepare_run(model, data, cfg, val=val, target=target, normalize=normalize)
+            if not isinstance(prepared.train, InMemory):
+                raise BadArgument("--workers", "in-memory data to shard across workers (tensors, arrays, a "
+                                  "DataFrame or a built-in data set)", describe(data),
+                                  "Pass the tensors themselves, or train with --workers 1.")
+            subscribers = [s for s in [make_reporter(progress, stop), *callbacks] if s is not None]
+
+            def emit(event: Event) -> None:
+                for subscriber in subscribers:
+                    subscriber(event)
+
+            run_id = uuid.uuid4().hex[:12]
+            job = _write_job(directory, module, spec, prepared, cfg, run_id=run_id, shard=shard, threads=threads)
+            for proc in procs:
+                assert proc.stdin is not None
+                try:
+                    proc.stdin.write(f"{job}\n".encode())
+                    proc.stdin.close()
+                except BrokenPipeError:  # it died starting up; its exit status and log tell why
+                    pass
+            with _interrupt_stops(stop):
+                outcome, weights = _follow_workers(procs, directory, emit, stop)
+        finally:
+            _end(procs)
     if weights:
         with torch.no_grad():
             module.load_state_dict(weights)
@@ -189,16 +203,34 @@ def _describe_exit(rank: int, code: int, log: Path) -> str:
     return f"worker {rank} exited with status {code}" + (f": {last}" if last else "")
 
 
-def _run_workers(job: Path, workers: int, emit: Callable[[Event], None],
-                 stop: StopSignal) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Run the job on `workers` local processes; return the outcome and the final weights."""
-    directory = job.parent
+def _start_workers(directory: Path, workers: int, threads: int) -> list[subprocess.Popen[bytes]]:
+    """`workers` ranks of `python -m aiaas_lab.worker -`, rendezvousing on a free local port;
+    each waits for the job's path on stdin."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "GROUP_"))}
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(workers),
-               LOCAL_WORLD_SIZE=str(workers), OMP_NUM_THREADS=str(json.loads(job.read_text())["threads"]),
+               LOCAL_WORLD_SIZE=str(workers), OMP_NUM_THREADS=str(threads),
                # the kernel's import path, so a model class from the user's own modules imports there too
                PYTHONPATH=os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)))
     procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for rank in range(workers):
+            with open(directory / f"rank{rank}.log", "wb") as log:
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "aiaas_lab.worker", "-"],
+                    env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                    stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True))  # its own process group: no stray Ctrl-C, one kill
+    except BaseException:
+        _end(procs)
+        raise
+    return procs
+
+
+def _follow_workers(procs: list[subprocess.Popen[bytes]], directory: Path, emit: Callable[[Event], None],
+                    stop: StopSignal) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Relay the run's events until every worker has ended (or, once one has, until the others
+    had their grace period); return the outcome and the final weights."""
+    workers = len(procs)
     tail = _EventTail(directory / "events.jsonl")
     history: list[dict[str, float]] = []
     ended: RunEnded | None = None
@@ -216,14 +248,7 @@ def _run_workers(job: Path, workers: int, emit: Callable[[Event], None],
             emit(event)
 
     try:
-        for rank in range(workers):
-            with open(directory / f"rank{rank}.log", "wb") as log:
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "aiaas_lab.worker", str(job)],
-                    env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True))  # its own process group: no stray Ctrl-C, one kill
-        first_exit: float | None = None
+        over_since: float | None = None
         while len(exits) < workers:
             relay()
             if stop.is_set() and not (directory / "STOP").exists():
@@ -232,9 +257,10 @@ def _run_workers(job: Path, workers: int, emit: Callable[[Event], None],
             for rank, proc in enumerate(procs):
                 if rank not in exits and proc.poll() is not None:
                     exits[rank] = proc.returncode
-                    first_exit = first_exit or time.monotonic()
-            if first_exit is not None and time.monotonic() - first_exit > _GRACE_S:
-                break  # the rest are stuck waiting for a peer that is gone
+            if over_since is None and (exits or ended is not None):
+                over_since = time.monotonic()
+            if over_since is not None and time.monotonic() - over_since > _GRACE_S:
+                break  # the rest are stuck: waiting for a peer that is gone, or in teardown
             time.sleep(_POLL_S)
     finally:
         _end(procs)

@@ -8,6 +8,9 @@ LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT). Without RANK it trains alone in thi
     torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint HOST:PORT \\
         -m aiaas_lab.worker JOB.json
 
+With `-` instead of a path, it first does its slow imports, then reads the path from the first
+line of stdin: a launcher can start the workers and write the job while they start up.
+
 JOB.json (relative paths are relative to the file's own directory; only "data" is required):
 
     {
@@ -76,6 +79,11 @@ from ._events import Event, RunEnded
 __all__ = ["main", "run_job"]
 
 _STOP_POLL_S = 0.1
+# This process's DDP/FSDP state, kept until the process ends with os._exit: dropping it runs
+# torch's destructors, and the gloo process group's can deadlock against its own work thread
+# (the Reducer's destructor holds the GIL and joins a thread that waits for it; seen here with
+# torch 2.13).
+_LIVE: list[Any] = []
 
 
 @dataclass(frozen=True)
@@ -455,6 +463,7 @@ def run_job(job: _Job) -> int:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         rank = dist.get_rank()
         context = _Rank(model, device, job.shard)
+        _LIVE.append(context)
     sink = _EventSink(job.events_file, job.events_url, job.events_token) if rank == 0 else None
     ended: list[RunEnded] = []
 
@@ -479,8 +488,6 @@ def run_job(job: _Job) -> int:
     finally:
         if sink is not None:
             sink.close()
-    if context is not None and outcome.status != "failed":
-        dist.destroy_process_group()
     if outcome.status == "failed":  # the last line is the error, for whoever reads the log
         print(f"aiaas_lab.worker: rank {rank}: {outcome.error}", file=sys.stderr, flush=True)
         return 1
@@ -494,17 +501,32 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1 or args[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if args and args[0] in ("-h", "--help") else 2
+    path = args[0]
+    if path == "-":
+        # DDP, FSDP and the optimizers import torch._dynamo on first use: seconds, best spent
+        # while the launcher is still writing the job.
+        import torch._dynamo  # noqa: F401
+
+        path = sys.stdin.readline().strip()
+        if not path:  # the launcher gave up (bad input in the notebook): nothing to do
+            return 0
     try:
-        return run_job(load_job(args[0]))
+        return run_job(load_job(path))
     except AiaasError as exc:  # a mistake in the job: one paragraph, no traceback
         print(f"aiaas_lab.worker: {exc}", file=sys.stderr, flush=True)
         return 2
 
 
 if __name__ == "__main__":
-    status = main()
+    try:
+        status = main()
+    except BaseException:  # unexpected: the traceback, then the same way out
+        import traceback
+
+        traceback.print_exc()
+        status = 1
     sys.stdout.flush()
     sys.stderr.flush()
-    # Everything is written and closed; skipping the interpreter's teardown of torch saves the
-    # launcher most of a second per run.
+    # Everything is written and closed. Skipping the interpreter's teardown saves most of a
+    # second per run and never runs the process group's destructors (see _LIVE).
     os._exit(status)
