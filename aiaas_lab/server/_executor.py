@@ -27,7 +27,7 @@ import orjson
 
 from .._events import event_from_dict
 from ._blobs import Blobs
-from ._ledger import claim, finish, insert_event, request_cancel, synthetic_end
+from ._ledger import claim, finish, insert_events, request_cancel, synthetic_end
 from ._store import Store
 
 __all__ = ["Executor", "JobSignals", "MAX_LAUNCHES"]
@@ -198,8 +198,7 @@ class Executor:
         return await asyncio.create_subprocess_exec(
             sys.executable, "-m", "aiaas_lab.server._runner", str(os.getpid()),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            start_new_session=True,  # a Ctrl-C in the server's terminal must not reach the workers
-            limit=2**24)
+            start_new_session=True)  # a Ctrl-C in the server's terminal must not reach the workers
 
     async def _refill_spare(self) -> None:
         if self._spare is None and not self._stopping and self.max_jobs > 0:
@@ -243,25 +242,41 @@ class Executor:
     async def _read_worker(self, job_id: str, running: _Running) -> None:
         process = running.process
         assert process.stdout is not None
-        async for line in process.stdout:
-            try:
-                message = orjson.loads(line)
-                if "event" in message:
-                    event = event_from_dict(message["event"]).to_dict()  # only well-formed engine events
-                    if event["type"] == "run_ended":
-                        running.ended = True
-                        await self._end(job_id, event, running.model)
-                        break
-                    if await self.store.write(insert_event, job_id, event) is None:
-                        process.kill()  # the job already ended (cancelled while it started)
-                        break
-                    self.signals.fire(job_id)
-                elif "model" in message:
-                    running.model = message["model"]
-                elif "error" in message:
-                    running.error = str(message["error"])
-            except (ValueError, TypeError, KeyError) as exc:
-                print(f"aiaas-lab serve: job {job_id}: ignored a malformed worker message ({exc})", file=sys.stderr)
+        pending = b""
+        while not running.ended:
+            # Whatever the worker wrote since the last read, committed as one transaction: a
+            # small model can report thousands of steps a second.
+            chunk = await process.stdout.read(1 << 16)
+            if not chunk:
+                break
+            *lines, pending = (pending + chunk).split(b"\n")
+            if len(pending) > 2**24:
+                raise ValueError("the worker wrote more than 16 MB without a line break")
+            events: list[dict[str, Any]] = []
+            ended = None
+            for line in lines:
+                try:
+                    message = orjson.loads(line)
+                    if "event" in message:
+                        event = event_from_dict(message["event"]).to_dict()  # only well-formed engine events
+                        if event["type"] == "run_ended":
+                            ended = event
+                            break
+                        events.append(event)
+                    elif "model" in message:
+                        running.model = message["model"]
+                    elif "error" in message:
+                        running.error = str(message["error"])
+                except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                    print(f"aiaas-lab serve: job {job_id}: ignored a malformed worker message ({exc})", file=sys.stderr)
+            if events:
+                if await self.store.write(insert_events, job_id, events) is None:
+                    process.kill()  # the job already ended (cancelled while it started)
+                    break
+                self.signals.fire(job_id)
+            if ended is not None:
+                running.ended = True
+                await self._end(job_id, ended, running.model)
         try:
             code = await asyncio.wait_for(process.wait(), 30 if running.ended else None)
         except asyncio.TimeoutError:  # finished, but something in it keeps the process alive

@@ -17,7 +17,7 @@ from .._events import RunEnded
 from ._http import ApiError
 from ._jobs import TERMINAL, new_job_id
 
-__all__ = ["create_job_row", "insert_event", "finish", "claim", "request_cancel", "synthetic_end"]
+__all__ = ["create_job_row", "insert_event", "insert_events", "finish", "claim", "request_cancel", "synthetic_end"]
 
 _STATUS = {"completed": "succeeded", "stopped": "cancelled", "failed": "failed"}
 
@@ -51,6 +51,16 @@ def insert_event(conn: Any, job_id: str, event: dict[str, Any]) -> int | None:
                  (job_id, seq, event["type"], orjson.dumps(event).decode()))
     if event["type"] == "epoch_end":
         conn.execute("UPDATE jobs SET metrics = ? WHERE id = ?", (orjson.dumps(event["metrics"]).decode(), job_id))
+    return seq
+
+
+def insert_events(conn: Any, job_id: str, events: list[dict[str, Any]]) -> int | None:
+    """Append several events in order; the last id, or None once the job is terminal."""
+    seq = None
+    for event in events:
+        seq = insert_event(conn, job_id, event)
+        if seq is None:
+            return None
     return seq
 
 
