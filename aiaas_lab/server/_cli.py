@@ -63,6 +63,9 @@ def serve_main(argv: list[str]) -> int:
     if not tokens and not opts.insecure:
         parser.error("no token given, and the server will not run without authentication by accident; pass "
                      "--token TOKEN or --tokens-file FILE (or --insecure on a trusted machine)")
+    if not tokens and opts.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"aiaas-lab serve: warning: --insecure on {opts.host}: anyone who can reach this address can "
+              "train and read models here", file=sys.stderr)
     if opts.max_jobs < 1:
         parser.error(f"--max-jobs: expected a whole number >= 1, but found {opts.max_jobs}")
     if not opts.max_upload_mb > 0:
