@@ -240,7 +240,11 @@ async def test_unknown_paths_methods_and_parameters_get_json_errors(tmp_path: Pa
         assert_error(await client.get("/v1/jobs", params={"limit": "lots"}), 400, "limit")
         job = (await client.post("/v1/jobs", json=JOB)).json()
         assert_error(await client.get(f"/v1/jobs/{job['id']}/events", params={"after": "-1"}), 400, "after")
-        assert_error(await client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "x"}), 400, "Last-Event-ID")
+        for odd in ("x", "²", "--5", "٣", "9" * 40):
+            header = {"Last-Event-ID": odd.encode()}  # header bytes: latin-1 or UTF-8, as clients send them
+            assert_error(await client.get(f"/v1/jobs/{job['id']}/events", headers=header), 400, "Last-Event-ID")
+            assert_error(await client.get(f"/v1/jobs/{job['id']}/events", params={"after": odd}), 400, "after")
+            assert_error(await client.get(f"/v2/models/none/versions/{odd}"), 400, "version")
         assert_error(await client.get("/v1/models/none/weights"), 404, "no model named 'none'")
         assert (await client.get("/v1/models")).json() == {"object": "list", "data": []}
         for path in ("/v2/models/none", "/v2/models/none/ready", "/v2/models/none/versions/1"):

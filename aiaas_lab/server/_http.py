@@ -8,7 +8,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-__all__ = ["ApiError", "json_response", "error_response", "read_json"]
+__all__ = ["ApiError", "json_response", "error_response", "read_json", "whole_number"]
 
 
 class ApiError(Exception):
@@ -27,6 +27,14 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
     return json_response({"error": message}, status, headers)
+
+
+def whole_number(text: str) -> int | None:
+    """`text` as a non-negative int when it is plain ASCII digits; None otherwise (int() would
+    also take "²"-like or other scripts' digits, or fail on them)."""
+    if text.isascii() and text.isdigit() and len(text) <= 18:
+        return int(text)
+    return None
 
 
 async def read_json(request: Request, what: str = "the request body") -> Any:

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from ._http import ApiError
+from ._http import ApiError, whole_number
 from ._store import Store
 
 __all__ = ["Registry", "Served", "model_entry", "tensor_metadata"]
@@ -137,6 +137,7 @@ class Registry:
 def _version(version: int | str) -> int:
     if isinstance(version, int):
         return version
-    if not version.isdigit() or int(version) < 1:
+    number = whole_number(version)
+    if number is None or number < 1:
         raise ApiError(400, f"the model version: expected a whole number >= 1, but found {version[:40]!r}.")
-    return int(version)
+    return number

@@ -16,7 +16,7 @@ from starlette.responses import FileResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ._blobs import check_sha256
-from ._http import ApiError, json_response, read_json
+from ._http import ApiError, json_response, read_json, whole_number
 from ._jobs import TERMINAL, render_job, validate_request
 from ._ledger import create_job_row
 from ._registry import model_entry
@@ -43,9 +43,10 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.lstrip("-").isdigit() or not low <= int(raw) <= high:
+    number = whole_number(raw)
+    if number is None or not low <= number <= high:
         raise ApiError(400, f"{name}: expected a whole number from {low} to {high}, but found {raw[:20]!r}.")
-    return int(raw)
+    return number
 
 
 # ---------------------------------------------------------------- blobs
@@ -121,9 +122,10 @@ async def cancel_job(request: Request) -> Response:
 def _after(request: Request) -> int:
     last = request.headers.get("last-event-id")
     if last is not None:  # a reconnecting EventSource resumes where it left off
-        if not last.isdigit():
+        number = whole_number(last)
+        if number is None:
             raise ApiError(400, f"Last-Event-ID: expected an event id (a whole number), but found {last[:20]!r}.")
-        return int(last)
+        return number
     return _int_param(request, "after", 0, 0, 2**62)
 
 

@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .. import __version__
-from ._http import ApiError, json_response
+from ._http import ApiError, json_response, whole_number
 from ._registry import Registry, Served, tensor_metadata
 
 __all__ = ["v2_routes"]
@@ -62,10 +62,11 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
     if header_length is None:
         json_part, binary = body, b""
     else:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        length = whole_number(header_length)
+        if length is None or length > len(body):
             raise ApiError(400, f"Inference-Header-Content-Length: expected the length of the JSON header "
                                 f"(at most {len(body)}), but found {header_length[:20]!r}.")
-        json_part, binary = body[:int(header_length)], body[int(header_length):]
+        json_part, binary = body[:length], body[length:]
     try:
         return orjson.loads(json_part), binary
     except orjson.JSONDecodeError as exc:
