@@ -28,7 +28,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._api import _PREPROCESSING, Preprocessing, StopSignal, TrainResult, _interrupt_stops, prepare_run
+from ._api import (
+    _PREPROCESSING,
+    Preprocessing,
+    StopSignal,
+    TrainResult,
+    _interrupt_stops,
+    prepare_run,
+)
 from ._data import InMemory, Prepared
 from ._engine import TrainConfig, resolve_device
 from ._errors import BadArgument, describe

@@ -76,7 +76,7 @@ from ._engine import Outcome, TrainConfig, fit, resolve_device
 from ._errors import AiaasError, BadArgument, close_matches, describe
 from ._events import Event, RunEnded
 
-__all__ = ["main", "run_job"]
+__all__ = ["main", "load_job", "run_job"]
 
 _STOP_POLL_S = 0.1
 # This process's DDP/FSDP state, kept until the process ends with os._exit: dropping it runs
@@ -247,7 +247,7 @@ class _EventSink:
     never slows training."""
 
     def __init__(self, file: Path | None, url: str | None, token: str | None) -> None:
-        self._file = open(file, "a", encoding="utf-8") if file is not None else None  # noqa: SIM115
+        self._file = open(file, "a", encoding="utf-8") if file is not None else None
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._poster: threading.Thread | None = None
         if url:
@@ -343,7 +343,10 @@ class _Rank:
         """The whole model's weights on rank 0 (a collective when sharded; empty elsewhere)."""
         if not self.sharded:
             return model.state_dict() if self.rank == 0 else {}
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import aiaas_lab
-from aiaas_lab import BadArgument, EpochEnd, RunEnded, RunStarted, StepEnd, StopSignal
+from aiaas_lab import BadArgument, RunEnded, RunStarted, StepEnd, StopSignal
 from aiaas_lab._datasets import load_builtin_dataset
 from aiaas_lab._distributed import _free_port
 
@@ -30,7 +30,7 @@ from aiaas_lab._distributed import _free_port
 # (2 workers x 32, or 2 x 16 x 2 accumulated), so one process and two see the very same batches.
 # One torch thread per process: what each of two workers gets on two cores, and what keeps a
 # local run fast on a machine busy with other work.
-RUN = dict(val=0.25, epochs=3, seed=0, normalize=True, progress=False, threads=1)
+RUN = {"val": 0.25, "epochs": 3, "seed": 0, "normalize": True, "progress": False, "threads": 1}
 
 
 def digits():
@@ -205,7 +205,7 @@ class _EventCollector(BaseHTTPRequestHandler):
     received: list[dict] = []
     auth: list[str] = []
 
-    def do_POST(self):  # noqa: N802 - the stdlib's name
+    def do_POST(self):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         type(self).auth.append(self.headers.get("Authorization", ""))
         type(self).received.extend(json.loads(line) for line in body.decode().splitlines())
@@ -247,9 +247,11 @@ def test_stop_file_stops_all_ranks_at_the_same_step_and_events_reach_a_url(tmp_p
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
            "LOCAL_WORLD_SIZE": "2"}
     logs = [tmp_path / f"rank{r}.log" for r in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-m", "aiaas_lab.worker", str(job)], stdout=subprocess.DEVNULL,
-                              stderr=open(logs[r], "wb"), env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
-             for r in range(2)]
+    procs = []
+    for r in range(2):
+        with open(logs[r], "wb") as log:
+            procs.append(subprocess.Popen([sys.executable, "-m", "aiaas_lab.worker", str(job)], stdout=subprocess.DEVNULL,
+                                          stderr=log, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}))
     try:
         deadline = time.monotonic() + 60
         while not any(e["type"] == "epoch_end" for e in read_events(tmp_path / "events.jsonl")):
@@ -310,12 +312,12 @@ def test_torchrun_across_two_nodes_on_localhost(tmp_path):
 def test_a_bad_job_is_one_paragraph_and_status_2(tmp_path):
     job = write_job(tmp_path, config={"epochs": 2, "batch_sise": 32})
     done = subprocess.run([sys.executable, "-m", "aiaas_lab.worker", str(job)], capture_output=True, text=True,
-                          timeout=60)
+                          timeout=60, check=False)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "aiaas_lab.worker: config: expected TrainConfig fields (batch_size, checkpoint, clip, device, epochs, "
-        "grad_accum, log_every, loss, lr, momentum, optimizer, patience, resume, seed, weight_decay), but found "
-        "'batch_sise'. Did you mean 'batch_size'?"]
+        ("aiaas_lab.worker: config: expected TrainConfig fields (batch_size, checkpoint, clip, device, epochs, "
+         "grad_accum, log_every, loss, lr, momentum, optimizer, patience, resume, seed, weight_decay), but found "
+         "'batch_sise'. Did you mean 'batch_size'?")]
 
 
 # -- the magic in a real kernel -------------------------------------------------------------------
