@@ -139,7 +139,7 @@ JOB = {"model": {"builtin": "mlp"}, "data": {"builtin": "digits"}, "hyperparamet
     (json.dumps({**JOB, "val": 1.5}).encode(), ["val", "fraction"]),
     (json.dumps({**JOB, "val": "some"}).encode(), ["val"]),
     (json.dumps({**JOB, "name": "bad name!"}).encode(), ["name"]),
-    (json.dumps({**JOB, "hyperparameters": {"epochs": 0}}).encode(), ["hyperparameters.epochs", ">= 1", "0"]),
+    (json.dumps({**JOB, "hyperparameters": {"epochs": 0}}).encode(), ["hyperparameters.epochs", "from 1", "0"]),
     (json.dumps({**JOB, "hyperparameters": {"epochs": "5"}}).encode(), ["hyperparameters.epochs", "'5'"]),
     (json.dumps({**JOB, "hyperparameters": {"epochs": True}}).encode(), ["hyperparameters.epochs"]),
     (json.dumps({**JOB, "hyperparameters": {"epochs": 2.5}}).encode(), ["hyperparameters.epochs"]),
@@ -318,3 +318,43 @@ def test_one_server_per_data_dir(tmp_path: Path) -> None:
         create_app(ServerConfig(data_dir=tmp_path, tokens={ALICE: "alice"}, max_jobs=0))
     app.state.lock.close()
     create_app(ServerConfig(data_dir=tmp_path, tokens={ALICE: "alice"}, max_jobs=0)).state.lock.close()
+
+
+def _mutations(seed: int, count: int) -> list[Any]:
+    """Valid-looking job and infer bodies with one part replaced by something odd."""
+    import random
+
+    rng = random.Random(seed)
+    odd: list[Any] = [None, True, -1, 0, 2**70, 1e308, -0.0, "", "x" * 300, [], {}, [None], {"a": {"b": []}},
+                      "digits", "mlp", "0" * 64, [1, "2"], {"builtin": None}, {"tensors": []}, "\u0000", "²"]
+    bases: list[Any] = [
+        dict(JOB, val=0.2, name="n"),
+        {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [0.0] * 4}],
+         "outputs": [{"name": "output", "parameters": {"binary_data": False}}]},
+    ]
+    out = []
+    for _ in range(count):
+        body = json.loads(json.dumps(rng.choice(bases)))
+        node = body
+        while True:  # walk to a random container and replace one of its items
+            keys = list(node) if isinstance(node, dict) else list(range(len(node)))
+            if not keys:
+                break
+            key = rng.choice(keys)
+            if isinstance(node[key], (dict, list)) and node[key] and rng.random() < 0.6:
+                node = node[key]
+                continue
+            node[key] = rng.choice(odd)
+            break
+        out.append(body)
+    return out
+
+
+async def test_odd_bodies_get_4xx_never_500(tmp_path: Path) -> None:
+    async with serving(tmp_path) as client:
+        for body in _mutations(seed=7, count=300):
+            for method, path in (("POST", "/v1/jobs"), ("POST", "/v2/models/none/infer")):
+                response = await client.request(method, path, content=json.dumps(body).encode())
+                assert 200 <= response.status_code < 500, (path, body, response.text)
+                if response.status_code >= 400:
+                    assert response.json()["error"]

@@ -30,8 +30,8 @@ _HYPERPARAMETERS: dict[str, tuple[Any, bool]] = {
     "grad_accum": ("int", False), "clip": ("float", True), "patience": ("int", True),
     "seed": ("seed", True), "normalize": ("bool", False), "workers": ("int", False), "shard": ("bool", False),
 }
-_EXPECTED = {"int": "a whole number >= 1", "float": "a number > 0", "nonneg": "a number >= 0",
-             "seed": "a whole number >= 0", "bool": "true or false"}
+_EXPECTED = {"int": "a whole number from 1 to 2**31 - 1", "float": "a number > 0", "nonneg": "a number >= 0",
+             "seed": "a whole number from 0 to 2**31 - 1", "bool": "true or false"}
 
 
 def new_job_id() -> str:
@@ -70,7 +70,8 @@ def _check_hyperparameters(raw: Any) -> dict[str, Any]:
             if not isinstance(value, bool):
                 raise _fail(where, _EXPECTED[kind], value)
         elif kind in ("int", "seed"):
-            if not (number and float(value).is_integer() and value >= (1 if kind == "int" else 0)):
+            if not (number and math.isfinite(value) and float(value).is_integer()
+                    and (1 if kind == "int" else 0) <= value < 2**31):
                 raise _fail(where, _EXPECTED[kind] + (" or null" if nullable else ""), value)
             value = int(value)
         else:
