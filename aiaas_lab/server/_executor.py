@@ -186,9 +186,12 @@ class Executor:
         val = request["val"]
         if isinstance(val, dict):
             val = {"tensors": local(val["tensors"], "val.safetensors")}
-        return {"job_id": job["id"], "dir": str(directory), "model": model, "data": data, "val": val,
+        spec = {"job_id": job["id"], "dir": str(directory), "model": model, "data": data, "val": val,
                 "hyperparameters": orjson.loads(job["hyperparameters"]), "threads": self.threads_per_job,
                 "allow_code": self.allow_code, "attempt": job["attempts"]}
+        # Also on disk, for a launcher that takes a file (torchrun ... JOB.json) and for debugging.
+        (directory / "job.json").write_bytes(orjson.dumps(spec, option=orjson.OPT_INDENT_2))
+        return spec
 
     # ------------------------------------------------------------ worker processes
 
