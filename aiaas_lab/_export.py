@@ -91,8 +91,10 @@ def export_module(module: nn.Module, example_input: torch.Tensor) -> tuple[bytes
     if not isinstance(example_input, torch.Tensor) or example_input.ndim == 0:
         raise BadArgument("example_input", "a batch of inputs as a tensor", describe(example_input))
     x = example_input.detach().cpu()
-    if x.shape[0] < 2:  # torch.export specialises a dimension of size 1, so show it two rows
-        x = torch.cat([x, x]) if x.shape[0] == 1 else x
+    if x.shape[0] == 0:
+        raise BadArgument("example_input", "at least one row", "an empty batch")
+    if x.shape[0] == 1:  # torch.export specialises a dimension of size 1, so show it two rows
+        x = torch.cat([x, x])
     module_device = next((p.device for p in module.parameters()), torch.device("cpu"))
     was_training = module.training
     graphs: dict[str, Any] = {}
@@ -108,6 +110,10 @@ def export_module(module: nn.Module, example_input: torch.Tensor) -> tuple[bytes
         module.train(was_training)
     document = {"format": FORMAT, "version": _VERSION, "graphs": graphs}
     graph_json = json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
+    try:  # the server's own check, here: a graph it would refuse is an export failure, said early
+        check_graph(graph_json)
+    except BadArgument as exc:
+        raise AiaasError(f"MODEL: the exported graph cannot be sent to the server: {exc}") from None
     return graph_json, save(state_dict_to_safetensors(tensors))
 
 
@@ -171,9 +177,7 @@ def _target_name(target: Any) -> str:
 def _encode(value: Any) -> Any:
     if isinstance(value, fx.Node):
         return {"node": value.name}
-    if isinstance(value, str) and not isinstance(value, fx.Node):
-        return value
-    if value is None or isinstance(value, (bool, int)):
+    if value is None or isinstance(value, (str, bool, int)):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else {"float": repr(value)}

@@ -93,6 +93,18 @@ def test_export_failure_says_why(exported: tuple[ConvNet, bytes, bytes]) -> None
         export_module("mlp", torch.randn(4, 4))  # type: ignore[arg-type]
 
 
+class Uninitialised(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.empty_like(x)  # aten.empty_like: not on the server's allow-list
+
+
+def test_export_refuses_a_graph_the_server_would_refuse() -> None:
+    with pytest.raises(AiaasError, match="cannot be sent to the server.*empty_like"):
+        export_module(Uninitialised(), torch.randn(4, 4))
+    with pytest.raises(BadArgument, match="at least one row"):
+        export_module(ConvNet(), torch.randn(0, 64))
+
+
 def _tampered(graph: bytes, edit) -> bytes:  # type: ignore[no-untyped-def]
     document = json.loads(graph)
     edit(document)
