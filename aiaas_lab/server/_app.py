@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import traceback
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,8 +59,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
-    print(f"aiaas-lab serve: unexpected {type(exc).__name__} on {request.method} {request.url.path}: {exc}",
-          file=sys.stderr)
+    # A bug: the traceback goes to the operator's log, never to the client.
+    print(f"aiaas-lab serve: unexpected error on {request.method} {request.url.path}:", file=sys.stderr)
+    traceback.print_exception(exc, file=sys.stderr)
     return error_response(500, "the server failed to handle this request; its log has the details")
 
 
