@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
-import traceback
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,9 +57,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
-    # A bug: the traceback goes to the operator's log, never to the client.
-    print(f"aiaas-lab serve: unexpected error on {request.method} {request.url.path}:", file=sys.stderr)
-    traceback.print_exception(exc, file=sys.stderr)
+    # A bug. Starlette re-raises it after this response, so uvicorn logs the traceback for the
+    # operator; the client gets one line.
     return error_response(500, "the server failed to handle this request; its log has the details")
 
 
