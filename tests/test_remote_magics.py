@@ -81,10 +81,10 @@ def test_connect_then_train_predict_jobs_models(k: Any, aiaas_server: ServerProc
     status, name, job_id, epochs = out.stdout.strip().splitlines()[-1].split()
     assert (status, name, epochs) == ("completed", "magic-mlp", "2")
 
-    # the trained module is bound to `mlp`; predicting with it goes to the server it came from
+    # `mlp` now names the module trained last; predicting with it goes to the server it came from
     out = check(k, "a = %aiaas predict mlp --data X[:20] --classes --no-widget\n"
                    "b = %aiaas predict magic-mlp --data X[:20] --classes --no-widget\n"
-                   "import aiaas_lab\nc = aiaas_lab.predict(mlp, X[:20], classes=True)\n"
+                   "import aiaas_lab\nc = aiaas_lab.predict(r.model, X[:20], classes=True)\n"
                    "print(a.tolist() == b.tolist() == c.tolist(), (a == y[:20]).float().mean().item() > 0.5)", token)
     assert out.stdout.strip() == "True True"
 
