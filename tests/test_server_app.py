@@ -149,8 +149,8 @@ JOB = {"model": {"builtin": "mlp"}, "data": {"builtin": "digits"}, "hyperparamet
     (json.dumps({**JOB, "hyperparameters": {"epoch": 5}}).encode(), ["unknown option 'epoch'"]),
     (json.dumps({**JOB, "hyperparameters": [1]}).encode(), ["hyperparameters", "object"]),
     (json.dumps({**JOB, "hyperparameters": {"patience": 2}}).encode(), ["patience", "validation"]),
-    (json.dumps({**JOB, "hyperparameters": {"workers": 2}}).encode(), ["distributed jobs", "not enabled"]),
-    (json.dumps({**JOB, "hyperparameters": {"shard": True}}).encode(), ["distributed jobs"]),
+    (json.dumps({**JOB, "hyperparameters": {"workers": 64}}).encode(), ["hyperparameters.workers", "at most 16", "64"]),
+    (json.dumps({**JOB, "hyperparameters": {"shard": True}}).encode(), ["hyperparameters.shard", "workers >= 2"]),
     (json.dumps({**JOB, "model": {"pickle": "0" * 64}}).encode(), ["--allow-code"]),
     (json.dumps({**JOB, "model": {"export": {"graph": "0" * 64}}}).encode(), ["model.export"]),
 ])

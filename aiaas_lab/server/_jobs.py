@@ -23,6 +23,7 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 _DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+MAX_WORKERS = 16  # processes one job may start on this machine (torchrun --nproc-per-node)
 # name: (kind, may be null); kinds: int (>= 1), float (> 0), nonneg (>= 0), seed (>= 0), bool, or a tuple of choices
 _HYPERPARAMETERS: dict[str, tuple[Any, bool]] = {
     "epochs": ("int", False), "batch_size": ("int", False), "lr": ("float", True),
@@ -79,9 +80,10 @@ def _check_hyperparameters(raw: Any) -> dict[str, Any]:
                 raise _fail(where, _EXPECTED[kind] + (" or null" if nullable else ""), value)
             value = float(value)
         out[name] = value
-    if out["workers"] > 1 or out["shard"]:
-        raise ApiError(400, "hyperparameters.workers: distributed jobs (workers > 1 or shard) are not "
-                            "enabled on this server; use workers 1.")
+    if out["workers"] > MAX_WORKERS:
+        raise _fail("hyperparameters.workers", f"at most {MAX_WORKERS} processes for one job", out["workers"])
+    if out["shard"] and out["workers"] < 2:
+        raise _fail("hyperparameters.shard", "workers >= 2 to shard the model across", out["workers"])
     return out
 
 

@@ -142,6 +142,10 @@ def run_job(job: dict[str, Any], channel: BinaryIO, stop: Any) -> int:
     from .._events import Event, RunEnded
 
     h = job["hyperparameters"]
+    if h.get("workers", 1) > 1:
+        from ._distributed_runner import run_distributed_job
+
+        return run_distributed_job(job, lambda message: _send(channel, message), stop)
     torch.set_num_threads(int(job.get("threads", 1)))
     cfg = TrainConfig(epochs=h["epochs"], batch_size=h["batch_size"], lr=h["lr"], optimizer=h["optimizer"],
                       loss=h["loss"], weight_decay=h["weight_decay"], grad_accum=h["grad_accum"],

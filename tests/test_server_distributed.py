@@ -1,0 +1,60 @@
+"""`workers > 1` jobs on the server: launched through torchrun and `aiaas_lab.worker`, the same
+entry point a cluster runs, with rank 0's events relayed into the job's stream."""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+import torch
+from server_fixtures import ServerProcess, aiaas_server  # noqa: F401  (fixture)
+from test_server import all_events, infer_json, sse_frames, wait_for
+
+from aiaas_lab._datasets import load_builtin_dataset
+
+
+def test_a_two_worker_job_trains_registers_and_serves(aiaas_server: ServerProcess) -> None:
+    body = {"model": {"builtin": "mlp"}, "data": {"builtin": "digits"}, "val": 0.2, "name": "ddp-mlp",
+            "hyperparameters": {"epochs": 3, "normalize": True, "seed": 1, "workers": 2, "batch_size": 32}}
+    with aiaas_server.client() as client:
+        response = client.post("/v1/jobs", json=body)
+        assert response.status_code == 201, response.text
+        job = wait_for(client, response.json()["id"], timeout=180)
+        assert job["status"] == "succeeded", (job, aiaas_server.log())
+        assert job["hyperparameters"]["workers"] == 2 and job["model"] == {"name": "ddp-mlp", "version": 1}
+        events = all_events(client, job["id"])
+        assert [e["id"] for e in events] == list(range(1, len(events) + 1))
+        kinds = [e["event"]["type"] for e in events]
+        assert kinds[0] == "run_started" and kinds[-1] == "run_ended" and kinds.count("epoch_end") == 3
+        started = events[0]["event"]
+        # Global numbers, not one rank's shard: every training sample is counted once.
+        assert started["train_samples"] + started["val_samples"] == 1797
+        assert job["metrics"]["val_accuracy"] > 0.8
+        X, y = load_builtin_dataset("digits")
+        out = infer_json(client, "ddp-mlp", X[:50])
+        assert out.status_code == 200, out.text
+        predicted = torch.tensor(out.json()["outputs"][0]["data"]).reshape(50, 10).argmax(1)
+        assert (predicted == y[:50]).float().mean() > 0.8
+
+
+def test_cancel_reaches_every_rank_and_leaves_no_process(aiaas_server: ServerProcess) -> None:
+    body = {"model": {"builtin": "mlp"}, "data": {"builtin": "digits"},
+            "hyperparameters": {"epochs": 500, "batch_size": 16, "workers": 2}}
+    with aiaas_server.client() as client:
+        job = client.post("/v1/jobs", json=body).json()
+        for frame in sse_frames(client, job["id"], timeout=180):
+            if frame["event"] == "epoch_end":
+                break
+        t0 = time.monotonic()
+        client.post(f"/v1/jobs/{job['id']}/cancel")
+        final = wait_for(client, job["id"], timeout=60)
+        assert final["status"] == "cancelled" and time.monotonic() - t0 < 30
+        ended = all_events(client, job["id"])[-1]["event"]
+        assert ended["type"] == "run_ended" and ended["status"] == "stopped"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        ranks = [p for p in psutil.process_iter(["cmdline"]) if "aiaas_lab.worker" in " ".join(p.info["cmdline"] or [])]
+        if not ranks:
+            break
+        time.sleep(0.5)
+    assert not ranks, [p.info["cmdline"] for p in ranks]
