@@ -115,6 +115,8 @@ def run_distributed_job(job: dict[str, Any], send: Callable[[dict[str, Any]], No
             process.wait()
     output = directory / "model.safetensors"
     if ended is None:
+        from ._executor import _log_tail
+
         tail = _log_tail(directory / "worker.log")
         send({"error": f"the distributed job's processes exited ({process.returncode}) without finishing{tail}"})
         return 0
@@ -125,11 +127,3 @@ def run_distributed_job(job: dict[str, Any], send: Callable[[dict[str, Any]], No
             ended = {**ended, "status": "failed", "error": "the workers finished without writing the trained weights"}
     send({"event": ended})
     return 0
-
-
-def _log_tail(path: Path, limit: int = 400) -> str:
-    try:
-        text = path.read_bytes()[-limit:].decode(errors="replace").strip()
-    except OSError:
-        return ""
-    return f"; its last output: {text}" if text else ""
