@@ -269,7 +269,9 @@ def fit(model: nn.Module, data: Prepared, cfg: TrainConfig, emit: Callable[[Even
                 loss_sum += loss.detach()
                 if classification:
                     correct += (out.detach().argmax(dim=1) == yb).sum()
-                if micro % cfg.grad_accum == 0 or micro == steps_per_epoch * cfg.grad_accum:
+                # The epoch's last micro-batch closes a partial accumulation through the same
+                # step (clipping, counting, reporting) as every other.
+                if micro % cfg.grad_accum == 0 or micro == micro_per_epoch:
                     if cfg.clip:
                         nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
                     optimizer.step()
@@ -289,10 +291,6 @@ def fit(model: nn.Module, data: Prepared, cfg: TrainConfig, emit: Callable[[Even
                                      loss=window, samples=samples + int(seen), time=time.time()))
                 if stop.is_set():
                     break
-            if micro % cfg.grad_accum:  # a partial accumulation left at the end of the epoch
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
             loss_total, correct_total = loss_sum.item(), correct.item()
             if dist is not None:  # the history is global: every rank's sums, added up
                 loss_total, micro, correct_total, epoch_samples, stopping = dist.all_sum(
