@@ -416,25 +416,12 @@ def _watch_parent() -> None:
 
 def _write_output(path: Path, weights: dict[str, torch.Tensor], outcome: Outcome, run_id: str,
                   prepared: Prepared, spec: dict[str, Any] | None) -> None:
-    from safetensors.torch import save_file
+    from ._checkpoint import model_info, save_trained_model
 
-    from ._checkpoint import state_dict_to_safetensors
-
-    normalizer = prepared.normalizer
-    metadata = {
-        "aiaas.model": json.dumps({
-            "task": prepared.task, "classes": prepared.classes, "input_shape": list(prepared.input_shape),
-            "output_size": prepared.output_size, "spec": spec,
-            "normalizer": None if normalizer is None else {"mean": normalizer.mean.tolist(),
-                                                            "std": normalizer.std.tolist()}}),
-        "aiaas.outcome": json.dumps({"status": outcome.status, "history": outcome.history,
-                                     "error": outcome.error, "reason": outcome.reason,
-                                     "steps": outcome.steps, "seconds": outcome.seconds, "run_id": run_id}),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state_dict_to_safetensors(weights), str(tmp), metadata=metadata)
-    os.replace(tmp, path)  # a reader never sees half a file
+    outcome_meta = json.dumps({"status": outcome.status, "history": outcome.history, "error": outcome.error,
+                               "reason": outcome.reason, "steps": outcome.steps, "seconds": outcome.seconds,
+                               "run_id": run_id})
+    save_trained_model(path, weights, model_info(prepared, spec), {"aiaas.outcome": outcome_meta})
 
 
 def run_job(job: _Job) -> int:

@@ -116,18 +116,10 @@ def _prepare(job: dict[str, Any], cfg: Any) -> tuple[Any, Any, dict[str, Any] | 
 
 def _save_model(module: Any, prepared: Any, spec: dict[str, Any] | None) -> dict[str, Any]:
     """Write model.safetensors (the state dict, plus what predicting needs as metadata)."""
-    from safetensors.torch import save_file
+    from .._checkpoint import model_info, save_trained_model
 
-    from .._checkpoint import state_dict_to_safetensors
-
-    normalizer = prepared.normalizer
-    info = {"task": prepared.task, "classes": prepared.classes,
-            "input_shape": list(prepared.input_shape), "output_size": prepared.output_size, "spec": spec,
-            "normalizer": None if normalizer is None else {"mean": normalizer.mean.tolist(),
-                                                           "std": normalizer.std.tolist()}}
-    save_file(state_dict_to_safetensors(module.state_dict()), "model.safetensors.tmp",
-              metadata={"aiaas.model": json.dumps(info)})
-    os.replace("model.safetensors.tmp", "model.safetensors")
+    info = model_info(prepared, spec)
+    save_trained_model("model.safetensors", module.state_dict(), info)
     return info
 
 
