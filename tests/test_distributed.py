@@ -227,7 +227,11 @@ def write_job(directory: Path, **overrides) -> Path:
 
 
 def read_events(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    """The complete lines so far: a read can land while rank 0 is still writing the last one."""
+    if not path.exists():
+        return []
+    complete = path.read_text().rpartition("\n")[0]
+    return [json.loads(line) for line in complete.splitlines() if line]
 
 
 def test_stop_file_stops_all_ranks_at_the_same_step_and_events_reach_a_url(tmp_path):
