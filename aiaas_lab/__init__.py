@@ -7,9 +7,9 @@
 from __future__ import annotations
 
 from ._api import StopSignal, TrainResult, predict, train
-from ._client import AsyncClient, Client
+from .client.client import AsyncClient, Client
 from ._errors import AiaasError, BadArgument
-from ._events import (
+from .engine.events import (
     CheckpointSaved,
     EpochEnd,
     Event,
@@ -19,7 +19,7 @@ from ._events import (
     event_from_dict,
     event_from_json,
 )
-from ._progress import TextProgress
+from .notebook.progress import TextProgress
 
 __version__ = "0.1.0"
 
@@ -47,7 +47,7 @@ __all__ = [
 
 
 def load_ipython_extension(ipython):  # type: ignore[no-untyped-def]
-    from ._magic import AiaasMagics
+    from .notebook.magic import AiaasMagics
 
     ipython.register_magics(AiaasMagics)
 

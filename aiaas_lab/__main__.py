@@ -21,7 +21,7 @@ def _demo(argv: list[str]) -> int:
         result = aiaas_lab.train("mlp", data, val=0.2, epochs=epochs, seed=opts.seed,
                                  normalize=True, progress="text")
         print(result)
-        from ._datasets import load_builtin_dataset
+        from .engine.datasets import load_builtin_dataset
 
         X, y = load_builtin_dataset(data, opts.seed)
         labels = aiaas_lab.predict(result.model, X[:10], classes=True)

@@ -16,12 +16,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ._data import InMemory, Normalizer, Prepared, prepare_data, to_features
-from ._engine import DEVICES, LOSSES, OPTIMIZERS, TrainConfig, fit, resolve_device
+from .engine.data import InMemory, Normalizer, Prepared, prepare_data, to_features
+from .engine.loop import DEVICES, LOSSES, OPTIMIZERS, TrainConfig, fit, resolve_device
 from ._errors import AiaasError, BadArgument, close_matches, describe
-from ._events import Event
-from ._models import BUILTIN_MODELS, build_model, first_layer_inputs, model_spec
-from ._progress import history_table, make_reporter
+from .engine.events import Event
+from .engine.models import BUILTIN_MODELS, build_model, first_layer_inputs, model_spec
+from .notebook.progress import history_table, make_reporter
 
 __all__ = ["train", "predict", "TrainResult", "StopSignal", "preprocessing_of"]
 
@@ -259,16 +259,16 @@ def train(
                    callbacks=callbacks, stop=stop, name=name, shard=shard)
 
     if backend is not None:
-        from ._remote import train_remote
+        from .launch.remote import train_remote
 
         return train_remote(model, data, cfg, backend=backend, token=token, workers=workers,
                             background=background, **options)
     if background:
-        from ._background import train_in_background
+        from .launch.background import train_in_background
 
         return train_in_background(model, data, cfg, workers=workers, **options)
     if workers > 1 or shard:
-        from ._distributed import train_distributed
+        from .launch.processes import train_distributed
 
         return train_distributed(model, data, cfg, workers=workers, **options)
     return train_local(model, data, cfg, **options)
@@ -325,7 +325,7 @@ def predict(model: Any, data: Any, *, batch_size: int = 1024, classes: bool = Fa
     with `classes=True`, the predicted class index per row."""
     _check_positive("--batch-size", batch_size)
     if backend is not None:
-        from ._remote import predict_remote
+        from .launch.remote import predict_remote
 
         return predict_remote(model, data, batch_size=batch_size, classes=classes, backend=backend, token=token)
     if isinstance(model, TrainResult):
@@ -335,7 +335,7 @@ def predict(model: Any, data: Any, *, batch_size: int = 1024, classes: bool = Fa
     if isinstance(data, (tuple, list)) and len(data) == 2 and hasattr(data[0], "shape"):
         data = data[0]  # (X, y): predict on X
     if isinstance(data, str):
-        from ._datasets import BUILTIN_DATASETS, load_builtin_dataset
+        from .engine.datasets import BUILTIN_DATASETS, load_builtin_dataset
 
         if data not in BUILTIN_DATASETS:
             raise BadArgument("--data", f"features or a built-in data set ({', '.join(BUILTIN_DATASETS)})", repr(data))

@@ -16,10 +16,10 @@ JOB.json (relative paths are relative to the file's own directory; only "data" i
     {
       "run_id": "a1b2c3",                  reported in RunStarted
       "model": {"name": "mlp"},            a built-in sized to the data; or a full spec as
-                                           aiaas_lab._models.model_spec makes it:
+                                           aiaas_lab.engine.models.model_spec makes it:
                                            {"name": "mlp", "config": {...}};
                                            or {"export": {"graph": "graph.json", "weights":
-                                           "init.safetensors"}} as aiaas_lab._export writes it;
+                                           "init.safetensors"}} as aiaas_lab.engine.export writes it;
                                            or {"pickle": "model.pkl"}: a cloudpickled nn.Module
       "weights": "init.safetensors",       optional state dict loaded into the model first
       "data": "digits",                    a built-in data set, or a safetensors file holding
@@ -27,7 +27,7 @@ JOB.json (relative paths are relative to the file's own directory; only "data" i
       "val": 0.2,                          optional: a fraction to hold out, or a file like "data"
       "normalize": false,                  standardise features with training statistics
       "config": {"epochs": 5, "batch_size": 64, "lr": 0.001, ...},
-                                           any TrainConfig field (aiaas_lab._engine); batch_size
+                                           any TrainConfig field (aiaas_lab.engine.loop); batch_size
                                            is per rank: the effective batch is
                                            world size x batch_size x grad_accum; a "checkpoint"
                                            directory (written by rank 0, read by every rank on
@@ -71,10 +71,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._data import Prepared, prepare_data
-from ._engine import Outcome, TrainConfig, fit, resolve_device
+from .engine.data import Prepared, prepare_data
+from .engine.loop import Outcome, TrainConfig, fit, resolve_device
 from ._errors import AiaasError, BadArgument, close_matches, describe
-from ._events import Event, RunEnded
+from .engine.events import Event, RunEnded
 
 __all__ = ["main", "load_job", "run_job"]
 
@@ -144,7 +144,7 @@ def load_job(path: str | os.PathLike[str]) -> _Job:
     if "data" not in raw:
         raise BadArgument("data", "a built-in data set name or a safetensors file with X and y", "no data")
     data = raw["data"]
-    from ._datasets import BUILTIN_DATASETS
+    from .engine.datasets import BUILTIN_DATASETS
 
     data = data if data in BUILTIN_DATASETS else file("data", data)
     val = raw.get("val")
@@ -195,7 +195,7 @@ def load_job(path: str | os.PathLike[str]) -> _Job:
 
 def _check_config(cfg: TrainConfig) -> None:
     from ._api import _check_choice, _check_positive
-    from ._engine import DEVICES, LOSSES, OPTIMIZERS
+    from .engine.loop import DEVICES, LOSSES, OPTIMIZERS
 
     for name in ("epochs", "batch_size", "grad_accum"):
         _check_positive(f"config.{name}", getattr(cfg, name))
@@ -352,15 +352,15 @@ class _Rank:
 
 
 def _load_model(job: _Job, prepared: Prepared) -> tuple[nn.Module, dict[str, Any] | None]:
-    from ._models import BUILTIN_MODELS, build_model, model_spec
+    from .engine.models import BUILTIN_MODELS, build_model, model_spec
 
     spec = None
     if "pickle" in job.model:
-        from ._export import load_pickled
+        from .engine.export import load_pickled
 
         model = load_pickled(job.model["pickle"].read_bytes())
     elif "export" in job.model:
-        from ._export import load_exported
+        from .engine.export import load_exported
 
         model = load_exported(job.model["export"]["graph"].read_bytes(), job.model["export"]["weights"].read_bytes())
     else:
@@ -416,7 +416,7 @@ def _watch_parent() -> None:
 
 def _write_output(path: Path, weights: dict[str, torch.Tensor], outcome: Outcome, run_id: str,
                   prepared: Prepared, spec: dict[str, Any] | None) -> None:
-    from ._checkpoint import model_info, save_trained_model
+    from .engine.checkpoint import model_info, save_trained_model
 
     outcome_meta = json.dumps({"status": outcome.status, "history": outcome.history, "error": outcome.error,
                                "reason": outcome.reason, "steps": outcome.steps, "seconds": outcome.seconds,

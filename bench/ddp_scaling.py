@@ -25,7 +25,7 @@ import torch
 
 import aiaas_lab
 from aiaas_lab import EpochEnd, StepEnd
-from aiaas_lab._datasets import synthetic_mnist
+from aiaas_lab.engine.datasets import synthetic_mnist
 
 
 def run(data: tuple[torch.Tensor, torch.Tensor], epochs: int, batch: int, **options: object) -> tuple[float, float]:

@@ -35,9 +35,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from mlserver_env import free_port, start_mlserver, stop, write_repository  # noqa: E402
 
-from aiaas_lab._client import Client  # noqa: E402
-from aiaas_lab._datasets import load_builtin_dataset  # noqa: E402
-from aiaas_lab._events import RunStarted, StepEnd  # noqa: E402
+from aiaas_lab.client.client import Client  # noqa: E402
+from aiaas_lab.engine.datasets import load_builtin_dataset  # noqa: E402
+from aiaas_lab.engine.events import RunStarted, StepEnd  # noqa: E402
 
 SERVER_CPU, CLIENT_CPU = "0", 1
 

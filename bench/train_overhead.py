@@ -24,8 +24,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import aiaas_lab
-from aiaas_lab._datasets import synthetic_mnist
-from aiaas_lab._progress import TextProgress
+from aiaas_lab.engine.datasets import synthetic_mnist
+from aiaas_lab.notebook.progress import TextProgress
 
 BATCH = 64
 LR = 0.01

@@ -25,9 +25,9 @@ SETUP = """
 %load_ext aiaas_lab
 import time, torch
 from aiaas_lab._api import StopSignal, train_local
-from aiaas_lab._engine import TrainConfig
-from aiaas_lab._datasets import synthetic_mnist
-from aiaas_lab._widget import make_widget_reporter
+from aiaas_lab.engine.loop import TrainConfig
+from aiaas_lab.engine.datasets import synthetic_mnist
+from aiaas_lab.notebook.widget import make_widget_reporter
 X, y = synthetic_mnist(n={samples}, seed=0)
 
 class Timed:
@@ -55,8 +55,8 @@ def timed(widget, log_every):
 """
 
 HOT_PATH = """
-from aiaas_lab._events import RunStarted, StepEnd, RunEnded
-from aiaas_lab._widget import make_widget_reporter
+from aiaas_lab.engine.events import RunStarted, StepEnd, RunEnded
+from aiaas_lab.notebook.widget import make_widget_reporter
 
 def feed(subscriber, n):
     subscriber(RunStarted(run_id="b", epochs=1, start_epoch=0, steps_per_epoch=n, batch_size=64,

@@ -42,7 +42,7 @@ from mlserver.types import InferenceRequest, InferenceResponse
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from aiaas_lab._models import build_model
+from aiaas_lab.engine.models import build_model
 
 
 class AiaasModel(MLModel):

@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from aiaas_lab import AiaasError, AsyncClient, Client
-from aiaas_lab._client import RemoteError
-from aiaas_lab._data import Normalizer
-from aiaas_lab._datasets import load_builtin_dataset
-from aiaas_lab._events import EpochEnd, RunEnded, RunStarted, StepEnd
-from aiaas_lab._models import build_model
+from aiaas_lab.client.client import RemoteError
+from aiaas_lab.engine.data import Normalizer
+from aiaas_lab.engine.datasets import load_builtin_dataset
+from aiaas_lab.engine.events import EpochEnd, RunEnded, RunStarted, StepEnd
+from aiaas_lab.engine.models import build_model
 
 from server_fixtures import ServerProcess, aiaas_server  # noqa: F401 - the fixture
 

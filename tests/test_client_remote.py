@@ -17,8 +17,8 @@ from torch import nn
 import aiaas_lab
 from aiaas_lab import AiaasError, BadArgument, Client, StopSignal
 from aiaas_lab._api import preprocessing_of
-from aiaas_lab._datasets import load_builtin_dataset
-from aiaas_lab._remote import RemoteRun
+from aiaas_lab.engine.datasets import load_builtin_dataset
+from aiaas_lab.launch.remote import RemoteRun
 
 from server_fixtures import ServerProcess, aiaas_server, start_server  # noqa: F401 - the fixture
 

@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import aiaas_lab
 from aiaas_lab import AiaasError, BadArgument
-from aiaas_lab._data import prepare_data
-from aiaas_lab._datasets import load_builtin_dataset, synthetic_mnist
+from aiaas_lab.engine.data import prepare_data
+from aiaas_lab.engine.datasets import load_builtin_dataset, synthetic_mnist
 
 
 def net(inputs=4, outputs=3):

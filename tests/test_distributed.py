@@ -23,8 +23,8 @@ from torch import nn
 
 import aiaas_lab
 from aiaas_lab import BadArgument, RunEnded, RunStarted, StepEnd, StopSignal
-from aiaas_lab._datasets import load_builtin_dataset
-from aiaas_lab._distributed import _free_port
+from aiaas_lab.engine.datasets import load_builtin_dataset
+from aiaas_lab.launch.processes import _free_port
 
 # 1,792 digits, a quarter held out: 1,344 training samples, a whole number of batches of 64
 # (2 workers x 32, or 2 x 16 x 2 accumulated), so one process and two see the very same batches.
@@ -236,7 +236,7 @@ def read_events(path: Path) -> list[dict]:
 
 def test_stop_file_stops_all_ranks_at_the_same_step_and_events_reach_a_url(tmp_path):
     # the model as a server receives it: an exported graph and its weights, no code
-    from aiaas_lab._export import export_module
+    from aiaas_lab.engine.export import export_module
 
     torch.manual_seed(0)
     graph, weights = export_module(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)), digits()[0][:4])

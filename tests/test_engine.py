@@ -7,7 +7,7 @@ from torch import nn
 
 import aiaas_lab
 from aiaas_lab import EpochEnd, RunEnded, RunStarted, StepEnd, StopSignal
-from aiaas_lab._datasets import load_builtin_dataset
+from aiaas_lab.engine.datasets import load_builtin_dataset
 
 
 def digits():
@@ -106,8 +106,8 @@ def test_early_stopping_restores_the_best_weights():
     assert len(result.history) < 200
     best = min(h["val_loss"] for h in result.history)
     # the restored weights are the best epoch's: evaluating them gives the best val_loss again
-    from aiaas_lab._data import prepare_data
-    from aiaas_lab._engine import evaluate
+    from aiaas_lab.engine.data import prepare_data
+    from aiaas_lab.engine.loop import evaluate
 
     prepared = prepare_data((X, y), val=0.3, seed=0)
     assert abs(evaluate(net, prepared.val, "classification", 1024, torch.device("cpu"))["loss"] - best) < 1e-5

@@ -104,7 +104,7 @@ def test_a_model_that_raises_in_forward(k):
 
 
 def test_interrupt_stops_training_cleanly(k):
-    k.check("from aiaas_lab._datasets import synthetic_mnist\nXb, yb = synthetic_mnist(seed=1)\n"
+    k.check("from aiaas_lab.engine.datasets import synthetic_mnist\nXb, yb = synthetic_mnist(seed=1)\n"
             "big = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))\n"
             "w0 = big[0].weight.detach().clone()", timeout=120)
     msg_id = k.client.execute("r = %aiaas train big --data (Xb, yb) --epochs 50 --no-widget\nprint('after', r.status)")

@@ -15,10 +15,10 @@ from safetensors.torch import save
 import aiaas_lab
 from aiaas_lab import AiaasError, BadArgument
 from aiaas_lab._api import preprocessing_of
-from aiaas_lab._checkpoint import state_dict_to_safetensors
-from aiaas_lab._client import AsyncClient, Client
-from aiaas_lab._datasets import load_builtin_dataset
-from aiaas_lab._models import build_model, model_spec
+from aiaas_lab.engine.checkpoint import state_dict_to_safetensors
+from aiaas_lab.client.client import AsyncClient, Client
+from aiaas_lab.engine.datasets import load_builtin_dataset
+from aiaas_lab.engine.models import build_model, model_spec
 
 from mlserver_env import free_port, start_mlserver, stop, write_repository
 

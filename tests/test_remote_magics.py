@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def k(kernel: Any, aiaas_server: ServerProcess) -> Any:  # noqa: F811
     kernel.check(f"import os; os.environ.pop('AIAAS_TOKEN', None)\nURL = {aiaas_server.url!r}\n"
-                 f"TOKEN = {aiaas_server.token!r}\nfrom aiaas_lab._datasets import load_builtin_dataset\n"
+                 f"TOKEN = {aiaas_server.token!r}\nfrom aiaas_lab.engine.datasets import load_builtin_dataset\n"
                  "X, y = load_builtin_dataset('digits')")
     return kernel
 

@@ -21,10 +21,10 @@ from safetensors.torch import load, save
 from server_fixtures import ServerProcess, aiaas_server, start_server  # noqa: F401  (fixture)
 from torch import nn
 
-from aiaas_lab._data import Normalizer
-from aiaas_lab._datasets import load_builtin_dataset
-from aiaas_lab._export import export_module
-from aiaas_lab._models import build_model
+from aiaas_lab.engine.data import Normalizer
+from aiaas_lab.engine.datasets import load_builtin_dataset
+from aiaas_lab.engine.export import export_module
+from aiaas_lab.engine.models import build_model
 
 
 def sse_frames(client: httpx.Client, job_id: str, headers: dict[str, str] | None = None,

@@ -10,7 +10,7 @@ import torch
 from server_fixtures import ServerProcess, aiaas_server  # noqa: F401  (fixture)
 from test_server import all_events, infer_json, sse_frames, wait_for
 
-from aiaas_lab._datasets import load_builtin_dataset
+from aiaas_lab.engine.datasets import load_builtin_dataset
 
 
 def test_a_two_worker_job_trains_registers_and_serves(aiaas_server: ServerProcess) -> None:

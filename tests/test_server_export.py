@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from aiaas_lab._errors import AiaasError, BadArgument
-from aiaas_lab._export import check_graph, export_module, load_exported, load_pickled
+from aiaas_lab.engine.export import check_graph, export_module, load_exported, load_pickled
 
 
 class ConvNet(nn.Module):

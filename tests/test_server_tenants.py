@@ -123,7 +123,7 @@ def test_a_module_sent_as_code_trains_and_serves_with_allow_code(server: ServerP
                                             "hyperparameters": {"epochs": 6, "normalize": True}}).json()
         job = wait_for(client, job["id"])
         assert job["status"] == "succeeded" and job["metrics"]["accuracy"] > 0.8, job
-        from aiaas_lab._datasets import load_builtin_dataset
+        from aiaas_lab.engine.datasets import load_builtin_dataset
 
         X, y = load_builtin_dataset("digits")
         body = {"inputs": [{"name": "input", "shape": [40, 64], "datatype": "FP32", "data": X[:40].reshape(-1).tolist()}]}

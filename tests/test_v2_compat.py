@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load
 from server_fixtures import ServerProcess, aiaas_server  # noqa: F401  (fixture)
 
-from aiaas_lab._data import Normalizer
-from aiaas_lab._datasets import load_builtin_dataset
-from aiaas_lab._models import build_model
+from aiaas_lab.engine.data import Normalizer
+from aiaas_lab.engine.datasets import load_builtin_dataset
+from aiaas_lab.engine.models import build_model
 
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402

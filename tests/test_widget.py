@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from aiaas_lab._events import EpochEnd, RunEnded, RunStarted, StepEnd
-from aiaas_lab._widget import LOSS_POINTS
+from aiaas_lab.engine.events import EpochEnd, RunEnded, RunStarted, StepEnd
+from aiaas_lab.notebook.widget import LOSS_POINTS
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 
@@ -107,7 +107,7 @@ def test_messages_stay_few_and_small_whatever_the_step_rate(kernel):
     front = FrontEnd(kernel)
     code = (
         "from aiaas_lab._api import train_local\n"
-        "from aiaas_lab._engine import TrainConfig\n"
+        "from aiaas_lab.engine.loop import TrainConfig\n"
         "import time; t0 = time.monotonic()\n"
         # log_every=1: an event every step, the worst case for the reporter
         "r = train_local('mlp', 'digits', TrainConfig(epochs=40, batch_size=16, seed=0, log_every=1), progress='widget', threads=1)\n"
@@ -192,7 +192,7 @@ def test_saved_notebook_keeps_the_widget_view_and_the_html_snapshot(tmp_path):
 
 
 def test_loss_series_stays_bounded_and_keeps_the_mean():
-    from aiaas_lab._widget import _Series
+    from aiaas_lab.notebook.widget import _Series
 
     series = _Series()
     for step in range(1, 1_000_001):
@@ -205,7 +205,7 @@ def test_loss_series_stays_bounded_and_keeps_the_mean():
 
 
 def test_snapshot_renders_every_status():
-    from aiaas_lab._widget import _RunView
+    from aiaas_lab.notebook.widget import _RunView
 
     view = _RunView()
     view.apply(RunStarted(run_id="r", epochs=4, start_epoch=0, steps_per_epoch=10, batch_size=8,
@@ -224,7 +224,7 @@ def test_snapshot_renders_every_status():
 
 
 def test_a_diverged_loss_never_breaks_the_message():
-    from aiaas_lab._widget import _RunView
+    from aiaas_lab.notebook.widget import _RunView
 
     view = _RunView()
     view.apply(RunStarted(run_id="r", epochs=1, start_epoch=0, steps_per_epoch=10, batch_size=8,
@@ -238,7 +238,7 @@ def test_a_diverged_loss_never_breaks_the_message():
 
 def test_widget_outside_a_kernel_falls_back_to_text():
     from aiaas_lab import TextProgress
-    from aiaas_lab._progress import make_reporter
+    from aiaas_lab.notebook.progress import make_reporter
 
     assert isinstance(make_reporter("widget"), TextProgress)
     assert isinstance(make_reporter("html"), TextProgress)

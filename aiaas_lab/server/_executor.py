@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from .._events import event_from_dict
+from ..engine.events import event_from_dict
 from ._blobs import Blobs
 from ._ledger import claim, finish, insert_events, request_cancel, synthetic_end
 from ._store import Store

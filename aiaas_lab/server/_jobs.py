@@ -11,9 +11,9 @@ from typing import Any
 
 import orjson
 
-from .._datasets import BUILTIN_DATASETS
-from .._engine import DEFAULT_LR, LOSSES, TrainConfig
-from .._models import BUILTIN_MODELS
+from ..engine.datasets import BUILTIN_DATASETS
+from ..engine.loop import DEFAULT_LR, LOSSES, TrainConfig
+from ..engine.models import BUILTIN_MODELS
 from ._blobs import Blobs, check_sha256, safetensors_header
 from ._http import ApiError
 
@@ -104,7 +104,7 @@ def _only(obj: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
 
 def _check_model(raw: Any, blobs: Blobs, tenant: str, allow_code: bool) -> dict[str, Any]:
     from .._errors import AiaasError
-    from .._export import check_graph
+    from ..engine.export import check_graph
 
     if not isinstance(raw, dict) or len(raw) == 0:
         raise _fail("model", '{"builtin": NAME}, {"export": {"graph", "weights"}} or {"pickle": SHA}', raw)

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from .._events import RunEnded
+from ..engine.events import RunEnded
 from ._http import ApiError
 from ._jobs import TERMINAL, new_job_id
 

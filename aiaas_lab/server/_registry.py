@@ -101,14 +101,14 @@ class Registry:
         import torch
         from safetensors.torch import load_file
 
-        from .._models import build_model
+        from ..engine.models import build_model
 
         info = orjson.loads(row["info"])
         directory = self.jobs_dir / row["job_id"]
         if info.get("spec") is not None:
             module = build_model(info["spec"])
         elif (directory / "graph.json").exists():
-            from .._export import load_exported
+            from ..engine.export import load_exported
 
             module = load_exported((directory / "graph.json").read_bytes(),
                                    (directory / "init.safetensors").read_bytes())
@@ -116,7 +116,7 @@ class Registry:
             if not self.allow_code:
                 raise ApiError(400, f"model {row['name']!r} was sent as code (cloudpickle); serving it needs a "
                                     "server started with --allow-code.")
-            from .._export import load_pickled
+            from ..engine.export import load_pickled
 
             module = load_pickled((directory / "model.pkl").read_bytes())
         module.load_state_dict(load_file(str(directory / "model.safetensors")))

@@ -58,8 +58,8 @@ def _load_pair(path: str) -> tuple[Any, Any]:
 def _build_builtin(name: str, config: dict[str, Any], data: Any, cfg: Any, val: Any, normalize: bool) -> tuple[Any, dict[str, Any]]:
     import torch
 
-    from .._data import prepare_data
-    from .._models import build_model, model_spec
+    from ..engine.data import prepare_data
+    from ..engine.models import build_model, model_spec
 
     if "input_shape" in config and "output_size" in config:
         shape, size = tuple(config["input_shape"]), config["output_size"]
@@ -82,7 +82,7 @@ def _build_builtin(name: str, config: dict[str, Any], data: Any, cfg: Any, val: 
 def _prepare(job: dict[str, Any], cfg: Any) -> tuple[Any, Any, dict[str, Any] | None]:
     """The module, the prepared data and the built-in spec (None for a module sent by the client)."""
     from .._api import prepare_run
-    from .._datasets import load_builtin_dataset
+    from ..engine.datasets import load_builtin_dataset
     from .._errors import AiaasError
 
     h = job["hyperparameters"]
@@ -99,12 +99,12 @@ def _prepare(job: dict[str, Any], cfg: Any) -> tuple[Any, Any, dict[str, Any] | 
     elif "builtin" in model_ref:
         model, spec = _build_builtin(model_ref["builtin"], model_ref["config"], data, cfg, val, h["normalize"])
     elif "export" in model_ref:
-        from .._export import load_exported
+        from ..engine.export import load_exported
 
         with open(model_ref["export"]["graph"], "rb") as g, open(model_ref["export"]["weights"], "rb") as w:
             model = load_exported(g.read(), w.read())
     else:
-        from .._export import load_pickled
+        from ..engine.export import load_pickled
 
         if not job.get("allow_code"):
             raise AiaasError("model.pickle: this server does not run models sent as code.")
@@ -116,7 +116,7 @@ def _prepare(job: dict[str, Any], cfg: Any) -> tuple[Any, Any, dict[str, Any] | 
 
 def _save_model(module: Any, prepared: Any, spec: dict[str, Any] | None) -> dict[str, Any]:
     """Write model.safetensors (the state dict, plus what predicting needs as metadata)."""
-    from .._checkpoint import model_info, save_trained_model
+    from ..engine.checkpoint import model_info, save_trained_model
 
     info = model_info(prepared, spec)
     save_trained_model("model.safetensors", module.state_dict(), info)
@@ -129,9 +129,9 @@ def run_job(job: dict[str, Any], channel: BinaryIO, stop: Any) -> int:
 
     import torch
 
-    from .._engine import TrainConfig, fit
+    from ..engine.loop import TrainConfig, fit
     from .._errors import AiaasError
-    from .._events import Event, RunEnded
+    from ..engine.events import Event, RunEnded
 
     h = job["hyperparameters"]
     if h.get("workers", 1) > 1:
@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     # optimizer imports torch._dynamo (seconds).
     import torch
 
-    from .. import _api, _engine  # noqa: F401
+    from .. import _api  # noqa: F401
+    from ..engine import loop  # noqa: F401
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     try:
         import sklearn.datasets  # noqa: F401  (the digits data set)

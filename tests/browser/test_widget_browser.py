@@ -11,7 +11,7 @@ from typing import Any
 
 import nbformat
 
-from aiaas_lab._widget import SNAPSHOT_INTERVAL
+from aiaas_lab.notebook.widget import SNAPSHOT_INTERVAL
 
 EPOCHS = 4
 CELLS = [

@@ -14,8 +14,8 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ._datasets import BUILTIN_DATASETS, load_builtin_dataset
-from ._errors import BadArgument, describe
+from .datasets import BUILTIN_DATASETS, load_builtin_dataset
+from .._errors import BadArgument, describe
 
 __all__ = ["InMemory", "Prepared", "Normalizer", "prepare_data", "to_features"]
 
@@ -193,7 +193,7 @@ def _split_pair(data: Any, target: str | None, loss: str, argument: str) -> tupl
             raise BadArgument("--target", "the name of the target column for a DataFrame",
                               "no --target", f"Columns: {', '.join(map(str, data.columns[:12]))}.")
         if target not in data.columns:
-            from ._errors import close_matches
+            from .._errors import close_matches
 
             raise BadArgument("--target", f"a column of the DataFrame", f"{target!r}",
                               close_matches(str(target), map(str, data.columns))
@@ -253,7 +253,7 @@ def prepare_data(
 ) -> Prepared:
     if isinstance(data, str):
         if data not in BUILTIN_DATASETS and data.replace("_", "-") not in BUILTIN_DATASETS:
-            from ._errors import close_matches
+            from .._errors import close_matches
 
             raise BadArgument("--data", f"data or a built-in data set ({', '.join(BUILTIN_DATASETS)})",
                               f"{data!r}", close_matches(data, BUILTIN_DATASETS))

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._api import (
+from .._api import (
     _PREPROCESSING,
     Preprocessing,
     StopSignal,
@@ -36,11 +36,11 @@ from ._api import (
     _interrupt_stops,
     prepare_run,
 )
-from ._data import InMemory, Prepared
-from ._engine import TrainConfig, resolve_device
-from ._errors import BadArgument, describe
-from ._events import EpochEnd, Event, RunEnded, event_from_json
-from ._progress import make_reporter
+from ..engine.data import InMemory, Prepared
+from ..engine.loop import TrainConfig, resolve_device
+from .._errors import BadArgument, describe
+from ..engine.events import EpochEnd, Event, RunEnded, event_from_json
+from ..notebook.progress import make_reporter
 
 __all__ = ["train_distributed"]
 
@@ -122,7 +122,7 @@ def _write_job(directory: Path, module: nn.Module, spec: dict[str, Any] | None, 
     normalised), so every rank trains on exactly what the kernel checked."""
     from safetensors.torch import save_file
 
-    from ._checkpoint import state_dict_to_safetensors
+    from ..engine.checkpoint import state_dict_to_safetensors
 
     train = prepared.train
     assert isinstance(train, InMemory)

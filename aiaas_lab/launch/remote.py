@@ -18,15 +18,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._api import Preprocessing, StopSignal, TrainResult, _interrupt_stops, _PREPROCESSING, prepare_run
-from ._client import Blob, Client, ModelWeights, RemoteError, _normalize_url
-from ._data import InMemory, Normalizer, to_features
-from ._datasets import BUILTIN_DATASETS, load_builtin_dataset
-from ._engine import TrainConfig
-from ._errors import AiaasError, BadArgument, close_matches, describe
-from ._events import EpochEnd, Event, RunEnded, RunStarted
-from ._models import BUILTIN_MODELS, build_model
-from ._progress import make_reporter
+from .._api import Preprocessing, StopSignal, TrainResult, _interrupt_stops, _PREPROCESSING, prepare_run
+from ..client.client import Blob, Client, ModelWeights, RemoteError, _normalize_url
+from ..engine.data import InMemory, Normalizer, to_features
+from ..engine.datasets import BUILTIN_DATASETS, load_builtin_dataset
+from ..engine.loop import TrainConfig
+from .._errors import AiaasError, BadArgument, close_matches, describe
+from ..engine.events import EpochEnd, Event, RunEnded, RunStarted
+from ..engine.models import BUILTIN_MODELS, build_model
+from ..notebook.progress import make_reporter
 
 __all__ = ["train_remote", "predict_remote", "follow_job", "RemoteRun", "client_for", "remember_token"]
 
@@ -112,7 +112,7 @@ def _first_line(exc: BaseException, limit: int = 300) -> str:
 def _module_payload(client: Client, module: nn.Module, example: torch.Tensor) -> tuple[dict[str, Any], str, str]:
     """(model reference, how it was sent, why export failed or ""), uploading what it needs."""
     try:
-        from ._export import export_module
+        from ..engine.export import export_module
 
         graph, weights = export_module(module, example)
     except AiaasError as exc:  # export_module says why, as a sentence about MODEL

@@ -16,11 +16,11 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from traitlets import Enum, Unicode
 
-from ._api import predict, train
-from ._datasets import BUILTIN_DATASETS
-from ._engine import DEVICES, LOSSES, OPTIMIZERS
-from ._errors import AiaasError, close_matches
-from ._models import BUILTIN_MODELS
+from .._api import predict, train
+from ..engine.datasets import BUILTIN_DATASETS
+from ..engine.loop import DEVICES, LOSSES, OPTIMIZERS
+from .._errors import AiaasError, close_matches
+from ..engine.models import BUILTIN_MODELS
 
 __all__ = ["AiaasMagics", "split_arguments"]
 
@@ -271,7 +271,7 @@ class AiaasMagics(Magics):
         out = predict(model, data, batch_size=opts.batch_size, classes=opts.classes, backend=backend)
         self._store(opts.output, out)
         if not opts.no_widget and self.display != "text":
-            from ._progress import show_predictions
+            from .progress import show_predictions
 
             show_predictions(data, out, classes=opts.classes, mode=self.display)
         return out
@@ -279,7 +279,7 @@ class AiaasMagics(Magics):
     # -- the remote backend: connect, jobs, attach, cancel, models -------------------------
 
     def _remote(self, command: str, args: list[str]) -> Any:
-        from ._remote_magic import run_remote_command
+        from .remote_magic import run_remote_command
 
         return run_remote_command(self, command, args)
 

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ._checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
-from ._data import InMemory, Prepared
-from ._events import CheckpointSaved, EpochEnd, Event, RunEnded, RunStarted, StepEnd
+from .checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from .data import InMemory, Prepared
+from .events import CheckpointSaved, EpochEnd, Event, RunEnded, RunStarted, StepEnd
 
 __all__ = ["TrainConfig", "Outcome", "StopFlag", "DistContext", "fit", "make_optimizer", "resolve_device",
            "epoch_permutation", "DEFAULT_LR"]

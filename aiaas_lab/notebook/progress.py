@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
-from ._events import EpochEnd, Event, RunEnded, RunStarted, StepEnd
+from ..engine.events import EpochEnd, Event, RunEnded, RunStarted, StepEnd
 
 __all__ = ["TextProgress", "make_reporter", "format_duration", "format_rate", "history_table", "PROGRESS_MODES"]
 
@@ -147,13 +147,13 @@ def make_reporter(progress: Any, stop: Any = None) -> Callable[[Event], None] | 
         progress = "widget" if _in_widget_frontend() else "text"
     if progress in ("widget", "html"):
         try:
-            from ._widget import make_widget_reporter
+            from .widget import make_widget_reporter
         except ImportError:  # the widget front-end is optional; text always works
             return TextProgress()
         return make_widget_reporter(mode=progress, stop=stop)
     if progress == "text":
         return TextProgress()
-    from ._errors import BadArgument
+    from .._errors import BadArgument
 
     raise BadArgument("progress", f"one of {', '.join(PROGRESS_MODES)} or False", repr(progress))
 
@@ -164,7 +164,7 @@ def show_predictions(data: Any, outputs: Any, *, classes: bool, mode: str = "aut
     if mode == "text" or (mode == "auto" and not _in_widget_frontend()):
         return
     try:
-        from ._widget import show_predictions as show
+        from .widget import show_predictions as show
     except ImportError:
         return
     show(data, outputs, classes=classes, mode=mode)

@@ -29,8 +29,8 @@ import httpx
 import numpy as np
 import torch
 
-from ._errors import AiaasError, BadArgument
-from ._events import Event, event_from_dict
+from .._errors import AiaasError, BadArgument
+from ..engine.events import Event, event_from_dict
 
 __all__ = ["Client", "AsyncClient", "RemoteError", "Blob", "ModelWeights", "TERMINAL_STATUSES"]
 

@@ -42,8 +42,8 @@ from typing import Any
 import anywidget
 import traitlets
 
-from ._events import CheckpointSaved, EpochEnd, Event, RunEnded, RunStarted, StepEnd
-from ._progress import TextProgress, _in_widget_frontend, format_duration, format_rate, history_table
+from ..engine.events import CheckpointSaved, EpochEnd, Event, RunEnded, RunStarted, StepEnd
+from .progress import TextProgress, _in_widget_frontend, format_duration, format_rate, history_table
 
 __all__ = ["TrainingWidget", "make_widget_reporter", "show_predictions"]
 
@@ -55,7 +55,7 @@ LOSS_POINTS = 320  # most loss points kept and sent: 2.5 KB as float32 pairs
 HISTORY_ROWS = 128  # most epoch rows sent: 2.5 KB for five columns
 METRIC_COLUMNS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
-_STATIC = Path(__file__).parent / "static"
+_STATIC = Path(__file__).parent.parent / "static"
 
 
 class _Series:
@@ -542,12 +542,12 @@ def _image_side(features: int) -> int | None:
 
 
 def _features(data: Any) -> Any:
-    from ._data import to_features
+    from ..engine.data import to_features
 
     if isinstance(data, (tuple, list)) and len(data) == 2 and hasattr(data[0], "shape"):
         data = data[0]
     if isinstance(data, str):
-        from ._datasets import load_builtin_dataset
+        from ..engine.datasets import load_builtin_dataset
 
         data = load_builtin_dataset(data)[0]
     X = to_features(data)

@@ -10,10 +10,10 @@ import datetime
 import html
 from typing import Any
 
-from ._client import Client, RemoteError, _normalize_url
-from ._errors import AiaasError, BadArgument
-from ._magic import _Parser
-from ._remote import client_for, follow_job, remember_token
+from ..client.client import Client, RemoteError, _normalize_url
+from .._errors import AiaasError, BadArgument
+from .magic import _Parser
+from ..launch.remote import client_for, follow_job, remember_token
 
 __all__ = ["run_remote_command", "Listing"]
 
@@ -131,7 +131,7 @@ def _attach(magics: Any, args: list[str]) -> Any:
         from torch import nn
 
         if not isinstance(module, nn.Module):
-            from ._errors import describe
+            from .._errors import describe
 
             raise BadArgument("--model", "a torch.nn.Module to load the weights into", describe(module))
     try:

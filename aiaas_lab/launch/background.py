@@ -11,8 +11,8 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ._engine import TrainConfig
-from ._events import Event, RunEnded, RunStarted
+from ..engine.loop import TrainConfig
+from ..engine.events import Event, RunEnded, RunStarted
 
 __all__ = ["BackgroundRun", "train_in_background"]
 
@@ -48,7 +48,7 @@ class BackgroundRun:
         """Block until the run ends and return its TrainResult; raise TimeoutError if it has not
         ended within `timeout` seconds. Ctrl-C (or Interrupt) while waiting stops the run at the
         next step, as it does for a blocking run, and still returns its result."""
-        from ._api import _interrupt_stops
+        from .._api import _interrupt_stops
 
         with _interrupt_stops(self._stop):
             finished = self._finished.wait(timeout)
@@ -77,8 +77,8 @@ def train_in_background(model: Any, data: Any, cfg: TrainConfig, *, workers: int
                         stop: Any = None, name: str | None = None, shard: bool = False) -> BackgroundRun:
     """Start `train_local` (or distributed training, for `workers > 1` or `shard`) on a worker
     thread and return its handle once the first step is about to run."""
-    from ._api import StopSignal, train_local
-    from ._progress import make_reporter
+    from .._api import StopSignal, train_local
+    from ..notebook.progress import make_reporter
 
     stop = stop or StopSignal()
     run = BackgroundRun(stop)
@@ -89,7 +89,7 @@ def train_in_background(model: Any, data: Any, cfg: TrainConfig, *, workers: int
                                    progress=reporter if reporter is not None else False,
                                    callbacks=[run._watch, *callbacks], stop=stop, name=name, shard=shard)
     if workers > 1 or shard:
-        from ._distributed import train_distributed
+        from .processes import train_distributed
 
         def runner() -> Any:
             return train_distributed(model, data, cfg, workers=workers, **options)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ._errors import AiaasError, BadArgument, describe
+from .._errors import AiaasError, BadArgument, describe
 
 __all__ = ["export_module", "load_exported", "check_graph", "load_pickled", "FORMAT"]
 
@@ -84,7 +84,7 @@ def export_module(module: nn.Module, example_input: torch.Tensor) -> tuple[bytes
     """
     from safetensors.torch import save
 
-    from ._checkpoint import state_dict_to_safetensors
+    from .checkpoint import state_dict_to_safetensors
 
     if not isinstance(module, nn.Module):
         raise BadArgument("MODEL", "a torch.nn.Module", describe(module))
