@@ -100,16 +100,36 @@ def test_gradient_accumulation_composes_with_data_parallel(one_process):
     assert max_difference(result.model, one_process.model) < 1e-5
 
 
-def test_sharded_model_follows_the_same_loss_curve(two_workers):
-    unsharded, _ = two_workers
-    result = aiaas_lab.train("mlp", digits(), batch_size=32, workers=2, shard=True, **RUN)
-    assert result.status == "completed", result.error
-    assert result.hyperparameters["shard"] is True
-    for mine, theirs in zip(result.history, unsharded.history, strict=True):
+def test_sharded_model_is_really_sharded_and_follows_the_same_loss_curve(tmp_path):
+    # The probe records on each rank, at its first step, what the rank really holds: equal losses
+    # alone cannot tell FSDP from DDP, which gives them too.
+    import cloudpickle
+
+    import helpers_models
+    from helpers_models import ShardProbe
+
+    cloudpickle.register_pickle_by_value(helpers_models)  # the workers have no tests/ on their path
+    runs = {}
+    for shard in (False, True):
+        records = tmp_path / ("fsdp" if shard else "ddp")
+        records.mkdir()
+        result = aiaas_lab.train(ShardProbe(str(records)), digits(), batch_size=32, workers=2, shard=shard, **RUN)
+        assert result.status == "completed", result.error
+        assert result.hyperparameters["shard"] is shard
+        runs[shard] = result, [json.loads((records / f"rank{r}.json").read_text()) for r in range(2)]
+    for rank, (plain, sharded) in enumerate(zip(runs[False][1], runs[True][1], strict=True)):
+        assert plain["dtensor"] == [False] * 4 and plain["local_numel"] == plain["full_numel"], (rank, plain)
+        assert sharded["dtensor"] == [True] * 4, (rank, sharded)
+        assert 0 < sharded["local_numel"] < sharded["full_numel"] == plain["full_numel"], (rank, sharded)
+    # the two ranks' shards together are the whole model, each element held once
+    assert sum(r["local_numel"] for r in runs[True][1]) == runs[True][1][0]["full_numel"]
+    unsharded, sharded = runs[False][0], runs[True][0]
+    for mine, theirs in zip(sharded.history, unsharded.history, strict=True):
         assert abs(mine["loss"] - theirs["loss"]) < 1e-5
         assert abs(mine["val_loss"] - theirs["val_loss"]) < 1e-5
     # the full weights were gathered from the shards into the kernel's module
-    assert max_difference(result.model, unsharded.model) < 1e-5
+    assert max_difference(sharded.model, unsharded.model) < 1e-5
+    assert workers_left() == []
 
 
 def test_checkpoint_and_resume_across_workers(two_workers, tmp_path):
@@ -351,19 +371,21 @@ net = Net()
 
 def test_kernel_interrupt_stops_every_worker(kernel):
     done: dict = {}
+    stepping = threading.Event()
+
+    def on_message(msg):
+        # the text progress prints a loss once rank 0 has reported steps: training is under way
+        if msg["msg_type"] == "stream" and "loss" in msg["content"]["text"]:
+            stepping.set()
 
     def run():
         done["out"] = kernel.run("r = %aiaas train mlp --data X, y --epochs 500 --workers 2 --no-widget --seed 0\n"
-                                 "print('status', r.status, r.reason)", timeout=180)
+                                 "print('status', r.status, r.reason)", timeout=180, on_message=on_message)
 
     thread = threading.Thread(target=run)
     thread.start()
-    # interrupt once training is under way: the workers have started and the first step is reported
-    deadline = time.monotonic() + 120
-    while not any("aiaas_lab.worker" in " ".join(p.cmdline()) for p in _kernel_children(kernel)):
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    time.sleep(8)
+    assert stepping.wait(120), "training never reported a step"
+    assert any("aiaas_lab.worker" in " ".join(p.cmdline()) for p in _kernel_children(kernel))
     kernel.interrupt()
     thread.join(timeout=120)
     out = done["out"]
