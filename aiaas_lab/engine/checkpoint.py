@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-__all__ = ["CHECKPOINT_FILE", "save_checkpoint", "load_checkpoint", "state_dict_to_safetensors", "model_info",
+__all__ = ["CHECKPOINT_FILE", "save_checkpoint", "load_checkpoint", "state_dict_to_safetensors",
            "save_trained_model"]
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -83,15 +83,6 @@ def load_checkpoint(directory: str | os.PathLike[str], model: nn.Module,
             state.setdefault(int(index), {}).update(values)
         optimizer.load_state_dict({"state": state, "param_groups": optim_meta["param_groups"]})
     return json.loads(metadata.get("aiaas.state", "{}"))
-
-
-def model_info(prepared: Any, spec: dict[str, Any] | None) -> dict[str, Any]:
-    """The "aiaas.model" metadata of trained weights: what predicting needs besides the weights."""
-    normalizer = prepared.normalizer
-    return {"task": prepared.task, "classes": prepared.classes, "input_shape": list(prepared.input_shape),
-            "output_size": prepared.output_size, "spec": spec,
-            "normalizer": None if normalizer is None else {"mean": normalizer.mean.tolist(),
-                                                           "std": normalizer.std.tolist()}}
 
 
 def save_trained_model(path: str | os.PathLike[str], weights: dict[str, torch.Tensor], info: dict[str, Any],

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .datasets import BUILTIN_DATASETS, load_builtin_dataset
 from .._errors import BadArgument, describe
+from .inputs import Normalizer, Preprocessing, encode_frame, fit_categories, is_pandas, to_features
 
 __all__ = ["InMemory", "Prepared", "Normalizer", "prepare_data", "to_features"]
 
@@ -32,25 +33,6 @@ class InMemory:
 
 
 @dataclass
-class Normalizer:
-    """Feature standardisation with statistics from the training split only."""
-
-    mean: torch.Tensor
-    std: torch.Tensor
-
-    @classmethod
-    def fit(cls, X: torch.Tensor) -> Normalizer:
-        mean = X.mean(dim=0)
-        std = X.std(dim=0)
-        # Constant features (a digit image's blank border) must pass through, not become NaN.
-        std = torch.where(std > 1e-8, std, torch.ones_like(std))
-        return cls(mean, std)
-
-    def __call__(self, X: torch.Tensor) -> torch.Tensor:
-        return (X - self.mean.to(X.device)) / self.std.to(X.device)
-
-
-@dataclass
 class Prepared:
     train: InMemory | DataLoader
     val: InMemory | DataLoader | None
@@ -60,59 +42,14 @@ class Prepared:
     output_size: int
     classes: list[Any] | None = None  # original labels when they were not 0..C-1 integers
     normalizer: Normalizer | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    columns: list[str] | None = None  # a DataFrame's feature columns
+    categories: dict[str, list[str]] = field(default_factory=dict)  # its text columns' categories
 
-
-def _is_pandas(obj: object, kind: str) -> bool:
-    module = type(obj).__module__
-    return module.startswith("pandas") and type(obj).__name__ == kind
-
-
-def to_features(obj: Any, argument: str = "--data") -> torch.Tensor:
-    """Features as a float32 tensor, from a tensor, NumPy array, pandas object or nested list."""
-    if isinstance(obj, torch.Tensor):
-        X = obj.detach()
-    elif _is_pandas(obj, "DataFrame"):
-        X = _frame_to_tensor(obj, argument)
-    elif _is_pandas(obj, "Series"):
-        X = _frame_to_tensor(obj.to_frame(), argument)
-    else:
-        import numpy as np
-
-        try:
-            arr = np.asarray(obj)
-        except Exception as exc:  # ragged lists and the like
-            raise BadArgument(argument, "numeric features (a tensor, NumPy array or DataFrame)",
-                              f"{describe(obj)} that cannot become an array ({exc})") from None
-        if arr.dtype.kind in "OUS":
-            try:
-                arr = arr.astype(np.float32)
-            except (TypeError, ValueError):
-                raise BadArgument(argument, "numeric features",
-                                  f"an array of {arr.dtype} values such as {arr.flat[0]!r}",
-                                  "Encode text columns as numbers first, or pass a DataFrame "
-                                  "(its text columns are one-hot encoded).") from None
-        if arr.dtype.kind not in "biuf":
-            raise BadArgument(argument, "numeric features", f"an array of dtype {arr.dtype}")
-        X = torch.from_numpy(np.ascontiguousarray(arr))
-    if X.dtype != torch.float32:
-        X = X.to(torch.float32)
-    if X.ndim == 0:
-        raise BadArgument(argument, "one row per sample", "a single number")
-    if X.ndim == 1:
-        X = X.reshape(-1, 1)
-    return X
-
-
-def _frame_to_tensor(df: Any, argument: str) -> torch.Tensor:
-    import numpy as np
-    import pandas as pd
-
-    text = [c for c in df.columns if not (pd.api.types.is_numeric_dtype(df[c]) or pd.api.types.is_bool_dtype(df[c]))]
-    if text:
-        # One-hot encoding is what users expect of a DataFrame with a few categorical columns.
-        df = pd.get_dummies(df, columns=text, dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(df.to_numpy(dtype=np.float32, na_value=np.nan)))
+    def preprocessing(self) -> Preprocessing:
+        """What predict needs to see inputs as this training did."""
+        return Preprocessing(task=self.task, normalizer=self.normalizer, classes=self.classes,
+                             columns=self.columns, categories=dict(self.categories),
+                             input_shape=list(self.input_shape), output_size=self.output_size)
 
 
 def _to_targets(obj: Any, loss: str) -> tuple[torch.Tensor, list[Any] | None]:
@@ -123,11 +60,11 @@ def _to_targets(obj: Any, loss: str) -> tuple[torch.Tensor, list[Any] | None]:
         y = obj.detach()
         labels = None
     else:
-        if _is_pandas(obj, "DataFrame"):
+        if is_pandas(obj, "DataFrame"):
             arr = obj.to_numpy()
             if arr.shape[1] == 1:
                 arr = arr[:, 0]
-        elif _is_pandas(obj, "Series"):
+        elif is_pandas(obj, "Series"):
             arr = obj.to_numpy()
         else:
             arr = np.asarray(obj)
@@ -187,8 +124,17 @@ def _check_finite(t: torch.Tensor, what: str) -> None:
                       "Drop or impute them first, e.g. df.dropna() or sklearn's SimpleImputer.")
 
 
-def _split_pair(data: Any, target: str | None, loss: str, argument: str) -> tuple[torch.Tensor, torch.Tensor, list[Any] | None]:
-    if _is_pandas(data, "DataFrame"):
+@dataclass
+class _Frame:
+    """How a training DataFrame's features were encoded: reused for --val and by predict."""
+
+    columns: list[str]
+    categories: dict[str, list[str]]
+
+
+def _split_pair(data: Any, target: str | None, loss: str, argument: str,
+                frame: _Frame | None = None) -> tuple[torch.Tensor, torch.Tensor, list[Any] | None, _Frame | None]:
+    if is_pandas(data, "DataFrame"):
         if target is None:
             raise BadArgument("--target", "the name of the target column for a DataFrame",
                               "no --target", f"Columns: {', '.join(map(str, data.columns[:12]))}.")
@@ -198,13 +144,22 @@ def _split_pair(data: Any, target: str | None, loss: str, argument: str) -> tupl
             raise BadArgument("--target", f"a column of the DataFrame", f"{target!r}",
                               close_matches(str(target), map(str, data.columns))
                               or f"Columns: {', '.join(map(str, data.columns[:12]))}.")
-        X = to_features(data.drop(columns=[target]), argument)
+        features = data.drop(columns=[target])
+        if frame is None:
+            frame = _Frame([str(c) for c in features.columns], fit_categories(features))
+        X = encode_frame(features, frame.columns, frame.categories, argument)
         y, labels = _to_targets(data[target], loss)
-        return X, y, labels
+        return X, y, labels, frame
     if isinstance(data, (tuple, list)) and len(data) == 2:
-        X = to_features(data[0], argument)
+        if is_pandas(data[0], "DataFrame"):
+            features = data[0]
+            if frame is None:
+                frame = _Frame([str(c) for c in features.columns], fit_categories(features))
+            X = encode_frame(features, frame.columns, frame.categories, argument)
+        else:
+            X = to_features(data[0], argument)
         y, labels = _to_targets(data[1], loss)
-        return X, y, labels
+        return X, y, labels, frame
     raise BadArgument(argument, "(X, y), a DataFrame with --target, a Dataset, a DataLoader or a "
                       f"built-in name ({', '.join(BUILTIN_DATASETS)})", describe(data))
 
@@ -262,7 +217,7 @@ def prepare_data(
     if isinstance(data, (DataLoader, Dataset)):
         return _prepare_loaders(data, val, loss, batch_size, seed)
 
-    X, y, labels = _split_pair(data, target, loss, "--data")
+    X, y, labels, frame = _split_pair(data, target, loss, "--data")
     _validate_pair(X, y, "--data")
     task = _task_of(y)
     if task == "classification" and int(y.min()) < 0:
@@ -270,7 +225,7 @@ def prepare_data(
 
     train, valset = InMemory(X, y), None
     if val is not None and not (isinstance(val, float) or isinstance(val, int) and not isinstance(val, bool)):
-        vX, vy, vlabels = _split_pair(val, target, loss, "--val")
+        vX, vy, vlabels, _ = _split_pair(val, target, loss, "--val", frame)
         _validate_pair(vX, vy, "--val")
         if vX.shape[1:] != X.shape[1:]:
             raise BadArgument("--val", f"samples shaped like the training data {tuple(X.shape[1:])}",
@@ -290,6 +245,11 @@ def prepare_data(
             raise BadArgument("--val", "at least 2 samples to split", f"{X.shape[0]}")
         train_idx, val_idx = _stratified_split(y if task == "classification" else None,
                                                X.shape[0], fraction, seed, task)
+        if len(val_idx) == 0 or len(train_idx) == 0:
+            left = "no validation row" if len(val_idx) == 0 else "no training row"
+            raise BadArgument("--val", f"a fraction that leaves rows for both training and validation "
+                              f"({X.shape[0]} rows here)", f"{val}, which leaves {left}",
+                              "Use a larger fraction, or pass validation data.")
         train, valset = InMemory(X[train_idx], y[train_idx]), InMemory(X[val_idx], y[val_idx])
 
     normalizer = None
@@ -308,7 +268,8 @@ def prepare_data(
         num_classes, output_size = None, int(y.shape[1])
     return Prepared(train=train, val=valset, task=task, num_classes=num_classes,
                     input_shape=tuple(X.shape[1:]), output_size=output_size, classes=labels,
-                    normalizer=normalizer)
+                    normalizer=normalizer, columns=frame.columns if frame else None,
+                    categories=frame.categories if frame else {})
 
 
 def _prepare_loaders(data: DataLoader | Dataset, val: Any, loss: str, batch_size: int, seed: int) -> Prepared:

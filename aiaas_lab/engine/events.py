@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Union
 
@@ -21,6 +22,8 @@ __all__ = [
     "Event",
     "event_from_dict",
     "event_from_json",
+    "to_wire",
+    "dumps",
 ]
 
 RunStatus = Literal["completed", "stopped", "failed"]
@@ -35,7 +38,7 @@ class _EventBase:
         return data
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False)
+        return dumps(self.to_dict())
 
 
 @dataclass(frozen=True)
@@ -116,14 +119,52 @@ _TYPES: dict[str, type] = {
 
 
 def event_from_dict(data: dict[str, Any]) -> Event:
-    """Rebuild an event from `to_dict()` output; unknown keys are ignored for forward compatibility."""
+    """Rebuild an event from `to_dict()` output (or its JSON, decoded); unknown keys are ignored
+    for forward compatibility, and non-finite numbers come back as floats."""
     kind = data.get("type")
     cls = _TYPES.get(kind)  # type: ignore[arg-type]
     if cls is None:
         raise ValueError(f"unknown event type {kind!r}; expected one of {sorted(_TYPES)}")
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in data.items() if k in names})
+    values = {k: v for k, v in data.items() if k in names}
+    for key in _FLOAT_FIELDS.get(kind, ()):  # type: ignore[arg-type]
+        if key in values:
+            values[key] = _from_wire(values[key])
+    if "metrics" in values and isinstance(values["metrics"], dict):
+        values["metrics"] = {k: _from_wire(v) for k, v in values["metrics"].items()}
+    return cls(**values)
 
 
 def event_from_json(text: str | bytes) -> Event:
     return event_from_dict(json.loads(text))
+
+
+# -- the codec's policy for non-finite numbers --------------------------------------------------
+# JSON has no NaN or infinity: the stdlib refuses them (allow_nan=False), orjson writes null and
+# loses the value. Here a non-finite float crosses every hop (files, SSE, HTTP) as the string
+# "NaN", "Infinity" or "-Infinity", and `event_from_dict` turns those strings back into floats
+# in the fields that hold numbers, so every path sees the same float.
+_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+_FLOAT_FIELDS = {"step": ("loss",), "epoch_end": ("seconds", "samples_per_s"), "run_ended": ("seconds",)}
+
+
+def to_wire(value: Any) -> Any:
+    """`value` with every non-finite float (at any depth) replaced by its string form."""
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: to_wire(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_wire(v) for v in value]
+    return value
+
+
+def _from_wire(value: Any) -> Any:
+    return _NONFINITE.get(value, value) if isinstance(value, str) else value
+
+
+def dumps(data: Any) -> str:
+    """JSON text for an event dict (or any message holding one), non-finite numbers kept."""
+    return json.dumps(to_wire(data), separators=(",", ":"), allow_nan=False)

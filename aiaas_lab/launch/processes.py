@@ -11,7 +11,6 @@ outlives the call.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -28,21 +27,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._api import (
-    _PREPROCESSING,
-    Preprocessing,
-    StopSignal,
-    TrainResult,
-    _interrupt_stops,
-    prepare_run,
-)
-from ..engine.data import InMemory, Prepared
-from ..engine.loop import TrainConfig, resolve_device
 from .._errors import BadArgument, describe
+from ..engine.data import InMemory
 from ..engine.events import EpochEnd, Event, RunEnded, event_from_json
-from ..notebook.progress import make_reporter
+from ..engine.inputs import Preprocessing
+from ..engine.job import Job
+from ..engine.loop import resolve_device
+from ..engine.prepare import PreparedRun, prepare
+from .handle import RunHandle
+from .local import result_of
+from .result import TrainResult
 
-__all__ = ["train_distributed"]
+__all__ = ["run_processes", "write_worker_job"]
 
 # Once the run is over (rank 0 reported its end, or a worker exited), the workers get this long
 # to exit on their own (a peer's death reaches them as a connection error at their next
@@ -51,95 +47,100 @@ _GRACE_S = 5.0
 _POLL_S = 0.05
 
 
-def train_distributed(model: Any, data: Any, cfg: TrainConfig, *, workers: int, val: Any = None,
-                      target: str | None = None, normalize: bool = False, threads: int | None = None,
-                      progress: Any = "auto", callbacks: Iterable[Callable[[Event], None]] = (),
-                      stop: StopSignal | None = None, name: str | None = None,
-                      shard: bool = False) -> TrainResult:
-    workers = int(workers)
-    _check_options(cfg, workers, shard)
-    threads = threads or max(1, (os.cpu_count() or 1) // workers)
-    stop = stop or StopSignal()
+def run_processes(job: Job, run: RunHandle) -> TrainResult:
+    h = job.hyperparameters
+    workers = int(h.workers)
+    _check_options(h.device, workers)
+    threads = h.threads or max(1, (os.cpu_count() or 1) // workers)
+    stop = run.stop_signal
     with tempfile.TemporaryDirectory(prefix="aiaas-run-") as tmp:
         directory = Path(tmp)
         # The workers start first: their imports (seconds) overlap checking and writing the job.
         procs = _start_workers(directory, workers, threads)
         try:
-            module, prepared, spec = prepare_run(model, data, cfg, val=val, target=target, normalize=normalize)
-            if not isinstance(prepared.train, InMemory):
+            # Normalisation is the workers' (their preparation fits it on the same training split and
+            # reports it with the weights); here the job is checked and split once.
+            prepared = prepare(Job(model=job.model, data=job.data, val=job.val, target=job.target,
+                                   hyperparameters=_replace(h, normalize=False)))
+            if not isinstance(prepared.data.train, InMemory):
                 raise BadArgument("--workers", "in-memory data to shard across workers (tensors, arrays, a "
-                                  "DataFrame or a built-in data set)", describe(data),
+                                  "DataFrame or a built-in data set)", describe(job.data),
                                   "Pass the tensors themselves, or train with --workers 1.")
-            subscribers = [s for s in [make_reporter(progress, stop), *callbacks] if s is not None]
-
-            def emit(event: Event) -> None:
-                for subscriber in subscribers:
-                    subscriber(event)
-
             run_id = uuid.uuid4().hex[:12]
-            job = _write_job(directory, module, spec, prepared, cfg, run_id=run_id, shard=shard, threads=threads)
+            path = write_worker_job(directory, prepared, job, run_id=run_id, threads=threads)
             for proc in procs:
                 assert proc.stdin is not None
                 try:
-                    proc.stdin.write(f"{job}\n".encode())
+                    proc.stdin.write(f"{path}\n".encode())
                     proc.stdin.close()
                 except BrokenPipeError:  # it died starting up; its exit status and log tell why
                     pass
-            with _interrupt_stops(stop):
-                outcome, weights = _follow_workers(procs, directory, emit, stop)
+            outcome, weights = _follow_workers(procs, directory, run.emit, stop)
+            info = _output_info(directory / "model.safetensors")
         finally:
             _end(procs)
+    module = prepared.module
     if weights:
         with torch.no_grad():
             module.load_state_dict(weights)
-    _PREPROCESSING[module] = Preprocessing(task=prepared.task, normalizer=prepared.normalizer,
-                                           classes=prepared.classes)
-    return TrainResult(status=outcome["status"], history=outcome["history"], model=module,
-                       error=outcome["error"], reason=outcome["reason"], seconds=outcome["seconds"],
-                       run_id=run_id, task=prepared.task, classes=prepared.classes,
-                       hyperparameters={**cfg.hyperparameters(), "workers": workers, "shard": shard})
+    preprocessing = Preprocessing.from_dict(info) if info else prepared.preprocessing
+    return result_of(run, model=module, preprocessing=preprocessing, status=outcome["status"],
+                     history=outcome["history"], error=outcome["error"], reason=outcome["reason"],
+                     seconds=outcome["seconds"], run_id=run_id)
 
 
-def _check_options(cfg: TrainConfig, workers: int, shard: bool) -> None:
-    if shard and workers < 2:
-        raise BadArgument("--shard", "--workers 2 or more to shard the model across", f"--workers {workers}",
-                          "Add --workers N.")
-    if shard and cfg.checkpoint:
-        raise BadArgument("--checkpoint", "no --checkpoint with --shard (sharded checkpoints are not "
-                          "supported)", f"--checkpoint {cfg.checkpoint}")
-    device = resolve_device(cfg.device)
+def _replace(h: Any, **changes: Any) -> Any:
+    import msgspec
+
+    return msgspec.structs.replace(h, **changes)
+
+
+def _output_info(path: Path) -> dict[str, Any]:
+    """The "aiaas.model" metadata rank 0 wrote with the weights (what predict needs)."""
+    if not path.exists():
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("aiaas.model", "{}"))
+
+
+def _check_options(device_name: str, workers: int) -> None:
+    device = resolve_device(device_name)
     if device.type == "mps":
         raise BadArgument("--device", "cpu or cuda with --workers (torch.distributed has no mps backend)",
-                          repr(cfg.device))
+                          repr(device_name))
     if device.type == "cuda" and torch.cuda.device_count() < workers:
         raise BadArgument("--workers", f"at most {torch.cuda.device_count()}, one per GPU",
                           str(workers), "Or train on the CPU with --device cpu.")
 
 
-def _write_job(directory: Path, module: nn.Module, spec: dict[str, Any] | None, prepared: Prepared,
-               cfg: TrainConfig, *, run_id: str, shard: bool, threads: int) -> Path:
-    """The job as `aiaas_lab.worker` reads it. The data go already prepared (split, encoded,
-    normalised), so every rank trains on exactly what the kernel checked."""
+def write_worker_job(directory: Path, prepared: PreparedRun, job: Job, *, run_id: str, threads: int) -> Path:
+    """JOB.json as `aiaas_lab.worker` reads it: the job's own hyperparameters, and its data
+    already prepared (split, encoded, normalised), so every rank trains on exactly what the
+    kernel checked."""
     from safetensors.torch import save_file
 
     from ..engine.checkpoint import state_dict_to_safetensors
 
-    train = prepared.train
+    data = prepared.data
+    train = data.train
     assert isinstance(train, InMemory)
     save_file({"X": train.X.contiguous(), "y": train.y.contiguous()}, str(directory / "train.safetensors"))
-    job: dict[str, Any] = {"run_id": run_id, "data": "train.safetensors", "shard": shard, "threads": threads,
-                           "events": {"file": "events.jsonl"}, "output": "model.safetensors",
-                           "stop_file": "STOP", "config": dataclasses.asdict(cfg)}
-    if cfg.checkpoint:  # the worker reads paths relative to the job's directory
-        job["config"]["checkpoint"] = os.path.abspath(cfg.checkpoint)
-    if isinstance(prepared.val, InMemory):
-        save_file({"X": prepared.val.X.contiguous(), "y": prepared.val.y.contiguous()},
-                  str(directory / "val.safetensors"))
-        job["val"] = "val.safetensors"
-    if spec is not None:
-        job["model"] = spec
+    hyperparameters = {**job.hyperparameters.to_dict(), "seed": prepared.config.seed, "threads": threads}
+    if hyperparameters.get("checkpoint"):  # the worker reads paths relative to the job's directory
+        hyperparameters["checkpoint"] = os.path.abspath(hyperparameters["checkpoint"])
+    spec: dict[str, Any] = {"run_id": run_id, "data": {"tensors": "train.safetensors"},
+                            "hyperparameters": hyperparameters, "preprocessing": prepared.preprocessing.to_dict(),
+                            "events": {"file": "events.jsonl"}, "output": "model.safetensors", "stop_file": "STOP"}
+    if isinstance(data.val, InMemory):
+        save_file({"X": data.val.X.contiguous(), "y": data.val.y.contiguous()}, str(directory / "val.safetensors"))
+        spec["val"] = {"tensors": "val.safetensors"}
+    module = prepared.module
+    if prepared.spec is not None:
+        spec["model"] = {"spec": prepared.spec}
         save_file(state_dict_to_safetensors(module.state_dict()), str(directory / "init.safetensors"))
-        job["weights"] = "init.safetensors"
+        spec["weights"] = "init.safetensors"
     else:
         # The notebook's own module, class and all (cloudpickle carries classes defined in cells
         # by value); only this kernel's workers ever read the file.
@@ -151,9 +152,9 @@ def _write_job(directory: Path, module: nn.Module, spec: dict[str, Any] | None, 
             raise BadArgument("MODEL", "a module that can be sent to worker processes (picklable)",
                               f"{describe(module)}: {type(exc).__name__}: {exc}") from None
         (directory / "model.pkl").write_bytes(blob)
-        job["model"] = {"pickle": "model.pkl"}
+        spec["model"] = {"pickle": "model.pkl"}
     path = directory / "job.json"
-    path.write_text(json.dumps(job))
+    path.write_text(json.dumps(spec))
     return path
 
 
@@ -212,21 +213,24 @@ def _describe_exit(rank: int, code: int, log: Path) -> str:
 
 def _start_workers(directory: Path, workers: int, threads: int) -> list[subprocess.Popen[bytes]]:
     """`workers` ranks of `python -m aiaas_lab.worker -`, rendezvousing on a free local port;
-    each waits for the job's path on stdin."""
+    each waits for the job's path on stdin. Started through `_procs`: each in its own process
+    group (no stray Ctrl-C, one kill) and killed by the system if this process dies."""
+    from .. import _procs
+
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "GROUP_"))}
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(workers),
                LOCAL_WORLD_SIZE=str(workers), OMP_NUM_THREADS=str(threads),
                # the kernel's import path, so a model class from the user's own modules imports there too
-               PYTHONPATH=os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)))
+               PYTHONPATH=os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)),
+               **{_procs.LAUNCHER_PID_ENV: str(os.getpid())})  # the parent each rank watches
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for rank in range(workers):
             with open(directory / f"rank{rank}.log", "wb") as log:
-                procs.append(subprocess.Popen(
+                procs.append(_procs.popen(
                     [sys.executable, "-m", "aiaas_lab.worker", "-"],
                     env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                    stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True))  # its own process group: no stray Ctrl-C, one kill
+                    stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT))
     except BaseException:
         _end(procs)
         raise
@@ -296,12 +300,8 @@ def _follow_workers(procs: list[subprocess.Popen[bytes]], directory: Path, emit:
 
 
 def _end(procs: list[subprocess.Popen[bytes]]) -> None:
-    """Kill whatever is still running, with everything it started, and reap it."""
-    for proc in procs:
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    for proc in procs:
-        proc.wait()
+    """Stop whatever is still running, with everything it started, and reap it: SIGTERM (a
+    rank stops at its next step), SIGKILL for what is left a second later (stuck in a collective)."""
+    from .. import _procs
+
+    _procs.stop_all(procs, grace=1.0)

@@ -18,17 +18,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._api import Preprocessing, StopSignal, TrainResult, _interrupt_stops, _PREPROCESSING, prepare_run
-from ..client.client import Blob, Client, ModelWeights, RemoteError, _normalize_url
-from ..engine.data import InMemory, Normalizer, to_features
-from ..engine.datasets import BUILTIN_DATASETS, load_builtin_dataset
-from ..engine.loop import TrainConfig
 from .._errors import AiaasError, BadArgument, close_matches, describe
+from ..client.client import Blob, Client, ModelWeights, RemoteError, _normalize_url
+from ..engine.data import InMemory
+from ..engine.datasets import BUILTIN_DATASETS, load_builtin_dataset
 from ..engine.events import EpochEnd, Event, RunEnded, RunStarted
-from ..engine.models import BUILTIN_MODELS, build_model
-from ..notebook.progress import make_reporter
+from ..engine.inputs import Preprocessing, class_indices
+from ..engine.job import LOCAL_ONLY, Job, check_combination
+from ..engine.models import BUILTIN_MODELS
+from ..engine.prepare import load_model, prepare
+from .handle import RemoteRun, RunHandle, StopSignal
+from .local import result_of
+from .result import TrainResult, preprocessing_of
 
-__all__ = ["train_remote", "predict_remote", "follow_job", "RemoteRun", "client_for", "remember_token"]
+__all__ = ["run_remote", "predict_remote", "follow_job", "RemoteRun", "client_for", "remember_token"]
 
 # Tokens given to `%aiaas connect`, by server URL: in memory only, never written anywhere.
 _TOKENS: dict[str, str] = {}
@@ -59,30 +62,13 @@ def client_for(backend: str, token: str | None = None, **options: Any) -> Client
 class _Submission:
     job: dict[str, Any]
     module: nn.Module | None  # the local module the trained weights are loaded into
-    classes: list[Any] | None
+    preprocessing: Preprocessing | None  # the client's view of the raw inputs (columns, labels)
     summary: str
 
 
-def _check_remote_config(cfg: TrainConfig, threads: int | None) -> None:
-    local_only = [("--checkpoint", cfg.checkpoint, "the server keeps its own checkpoints"),
-                  ("--resume", cfg.resume or None, "the server resumes its own jobs"),
-                  ("--threads", threads, "the server decides its threads"),
-                  ("--device", None if cfg.device == "auto" else cfg.device, "the server picks its device")]
-    for argument, value, why in local_only:
-        if value is not None:
-            raise BadArgument(argument, f"no {argument} with --backend ({why})", repr(value))
-
-
-def _hyperparameters(cfg: TrainConfig, normalize: bool, workers: int, shard: bool) -> dict[str, Any]:
-    params: dict[str, Any] = {
-        "epochs": cfg.epochs, "batch_size": cfg.batch_size, "optimizer": cfg.optimizer, "loss": cfg.loss,
-        "weight_decay": cfg.weight_decay, "grad_accum": cfg.grad_accum, "seed": cfg.seed,
-        "normalize": bool(normalize), "workers": int(workers), "shard": bool(shard),
-    }
-    for key in ("lr", "clip", "patience"):  # absent means the engine's default
-        if getattr(cfg, key) is not None:
-            params[key] = getattr(cfg, key)
-    return params
+def _hyperparameters(job: Job) -> dict[str, Any]:
+    """The job's options as the server takes them: all but those only a local run has."""
+    return {k: v for k, v in job.hyperparameters.to_dict().items() if k not in LOCAL_ONLY}
 
 
 def _tensors(part: Any, task: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,19 +131,18 @@ def _upload_data(client: Client, X: torch.Tensor, y: torch.Tensor, argument: str
                           f"({', '.join(BUILTIN_DATASETS)}) need no upload.") from None
 
 
-def _submit(client: Client, model: Any, data: Any, cfg: TrainConfig, *, val: Any, target: str | None,
-            normalize: bool, workers: int, shard: bool, name: str | None) -> _Submission:
-    """Validate locally, upload what the server lacks, and create the job."""
+def _submit(client: Client, job: Job) -> _Submission:
+    """Validate locally (the same preparation as every launcher), upload what the server lacks,
+    and create the job."""
+    model, data, val = job.model, job.data, job.val
     builtin_data = isinstance(data, str) and data.replace("_", "-") in BUILTIN_DATASETS
     val_fraction = val is None or (isinstance(val, (int, float)) and not isinstance(val, bool))
     if isinstance(model, str) and model not in BUILTIN_MODELS:
         raise BadArgument("MODEL", f"an nn.Module or a built-in model ({', '.join(BUILTIN_MODELS)})",
                           repr(model), close_matches(model, BUILTIN_MODELS))
-    if cfg.patience is not None and val is None:
-        raise BadArgument("--patience", "validation data to watch (--val DATA or a fraction)", "no --val")
 
     module: nn.Module | None = None
-    classes: list[Any] | None = None
+    preprocessing: Preprocessing | None = None
     if isinstance(model, str) and builtin_data and val_fraction:
         # A built-in model on a built-in data set: nothing to prepare or send; the server sizes
         # the model to the data and the weights' metadata carries the spec to rebuild it here.
@@ -167,9 +152,14 @@ def _submit(client: Client, model: Any, data: Any, cfg: TrainConfig, *, val: Any
         how, data_note = f"the built-in {model!r}", f"the built-in {data!r} data"
         export_failure = ""
     else:
-        module, prepared, spec = prepare_run(model, data, cfg, val=val, target=target, normalize=False)
-        classes = prepared.classes
-        X, y = _tensors(prepared.train, prepared.task)
+        # Normalisation happens on the server (its statistics travel with the model there).
+        local = Job(model=model, data=data, val=val, target=job.target,
+                    hyperparameters=msgspec_replace(job.hyperparameters, normalize=False, checkpoint=None,
+                                                    resume=False, workers=1, shard=False))
+        prepared = prepare(local)
+        module, spec = prepared.module, prepared.spec
+        preprocessing = prepared.preprocessing
+        X, y = _tensors(prepared.data.train, prepared.data.task)
         if builtin_data and val_fraction:
             data_ref, val_ref, data_note = {"builtin": data.replace("_", "-")}, val, f"the built-in {data!r} data"
         else:
@@ -178,8 +168,8 @@ def _submit(client: Client, model: Any, data: Any, cfg: TrainConfig, *, val: Any
             data_note = (f"data uploaded ({_megabytes(blob.size)})" if blob.uploaded
                          else f"data already on the server ({_megabytes(blob.size)})")
             val_ref = None
-            if prepared.val is not None:
-                vX, vy = _tensors(prepared.val, prepared.task)
+            if prepared.data.val is not None:
+                vX, vy = _tensors(prepared.data.val, prepared.data.task)
                 val_ref = {"tensors": _upload_data(client, vX, vy, "--val").sha256}
         if spec is not None:
             model_ref, export_failure = {"builtin": spec["name"], "config": spec["config"]}, ""
@@ -187,17 +177,26 @@ def _submit(client: Client, model: Any, data: Any, cfg: TrainConfig, *, val: Any
         else:
             model_ref, how, export_failure = _module_payload(client, module, X[:2])
 
-    body = {"model": model_ref, "data": data_ref, "val": val_ref,
-            "hyperparameters": _hyperparameters(cfg, normalize, workers, shard), "name": name}
+    body: dict[str, Any] = {"model": model_ref, "data": data_ref, "val": val_ref,
+                            "hyperparameters": _hyperparameters(job), "name": job.name}
+    if preprocessing is not None and (preprocessing.classes is not None or preprocessing.columns is not None):
+        body["preprocessing"] = {"classes": preprocessing.classes, "columns": preprocessing.columns,
+                                 "categories": preprocessing.categories}
     try:
-        job = client.create_job(body)
+        created = client.create_job(body)
     except RemoteError as exc:
         if "pickle" in model_ref and exc.status == 400:
             raise AiaasError(f"MODEL: {type(module).__name__} cannot be sent to the server at {client.url}. "
                              f"{export_failure} Sending it as code was refused: {exc}") from None
         raise
-    summary = f"aiaas: job {job['id']} on {client.url}: model sent as {how}; {data_note}."
-    return _Submission(job=job, module=module, classes=classes, summary=summary)
+    summary = f"aiaas: job {created['id']} on {client.url}: model sent as {how}; {data_note}."
+    return _Submission(job=created, module=module, preprocessing=preprocessing, summary=summary)
+
+
+def msgspec_replace(struct: Any, **changes: Any) -> Any:
+    import msgspec
+
+    return msgspec.structs.replace(struct, **changes)
 
 
 # -- following a job ----------------------------------------------------------------------
@@ -205,95 +204,67 @@ def _submit(client: Client, model: Any, data: Any, cfg: TrainConfig, *, val: Any
 _END = object()
 
 
-class RemoteRun:
-    """A job on the server, followed from here: its events go to the reporter and callbacks, and
-    its end becomes a `TrainResult`. `train(..., backend=URL, background=True)` returns one at once:
-    `.wait()`, `.stop()`, `.result`, `.status`, `.job_id`."""
+def run_remote(job: Job, run: RunHandle, *, backend: str, token: str | None = None, quiet: bool = False) -> TrainResult:
+    """The remote launcher: submit the job to the server at `backend` and follow it to its end
+    through `run`, exactly as the local launcher reports a loop in this process."""
+    check_combination(job.hyperparameters, has_val=job.val is not None, remote=True)
+    client = client_for(backend, token)
+    try:
+        submission = _submit(client, job)
+    except BaseException:
+        client.close()
+        raise
+    if not quiet:
+        print(submission.summary)
+    return _Follower(client, submission.job["id"], run, module=submission.module,
+                     preprocessing=submission.preprocessing).follow()
 
-    def __init__(self, client: Client, job_id: str, *, module: nn.Module | None, classes: list[Any] | None,
-                 subscribers: list[Callable[[Event], None]], stop: StopSignal) -> None:
-        self.client = client
-        self.job_id = job_id
-        self.result: TrainResult | None = None
-        self._module = module
-        self._classes = classes
-        self._subscribers = subscribers
-        self._stop = stop
+
+def follow_job(backend: str, job_id: str, run: RunHandle, *, token: str | None = None,
+               module: nn.Module | None = None) -> TrainResult:
+    """Replay a job's events from the start into `run`, follow it live to its end and return its
+    result (`%aiaas attach`, e.g. after a kernel restart). The trained weights are loaded into
+    `module` when given, else into a built-in model rebuilt from its spec."""
+    client = client_for(backend, token)
+    try:
+        client.get_job(job_id)  # a clear error for an unknown id before any reporter appears
+    except BaseException:
+        client.close()
+        raise
+    return _Follower(client, job_id, run, module=module, preprocessing=None).follow()
+
+
+class _Follower:
+    """A job on the server, followed from here: its events go through the run handle, a stop
+    (the widget's button, Ctrl-C, a subscriber that raised) cancels it there, and its end
+    becomes a TrainResult."""
+
+    def __init__(self, client: Client, job_id: str, run: RunHandle, *, module: nn.Module | None,
+                 preprocessing: Preprocessing | None) -> None:
+        self.client, self.job_id, self.run = client, job_id, run
+        self._module, self._preprocessing = module, preprocessing
         self._cancelled = False
-        self._running = False
-        self._error: BaseException | None = None
-        self._done = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @property
-    def status(self) -> str:
-        """"starting" (queued on the server), "running", then the result's status."""
-        if self.result is not None:
-            return self.result.status
-        if self._error is not None:
-            return "failed"
-        return "running" if self._running else "starting"
-
-    def stop(self, reason: str = "stop requested") -> None:
-        """Cancel the job on the server (it stops at its next step); `wait()` then returns its result."""
-        self._stop.request(reason)
-
-    def wait(self, timeout: float | None = None) -> TrainResult:
-        """Block until the job ends and return its TrainResult; raise TimeoutError if it has not
-        ended within `timeout` seconds. Ctrl-C while waiting cancels the job, as for a blocking run."""
-        with _interrupt_stops(self._stop):
-            finished = self._done.wait(timeout)
-        if not finished:
-            raise TimeoutError(f"job {self.job_id} is still {self.status} after {timeout} s; call .wait() again, "
-                               "or .stop() to cancel it")
-        if self._error is not None:
-            raise self._error
-        assert self.result is not None
-        return self.result
-
-    def __repr__(self) -> str:
-        where = f"job {self.job_id} on {self.client.url}"
-        if self.result is not None:
-            return f"RemoteRun: {self.status} ({where})\n{self.result!r}"
-        return f"RemoteRun: {self.status} ({where}). .wait() returns the TrainResult; .stop() cancels the job."
-
-    def start(self) -> RemoteRun:
-        self._thread = threading.Thread(target=self._follow_quietly, name=f"aiaas-job-{self.job_id}", daemon=True)
-        self._thread.start()
-        return self
-
-    def _follow_quietly(self) -> None:
-        try:
-            self.follow()
-        except BaseException as exc:  # kept for wait() to raise in the caller's thread
-            self._error = exc
-            self._done.set()
+        run.job_id, run.where = job_id, f"job {job_id} on {client.url}"
 
     def follow(self) -> TrainResult:
-        """Follow the job to its end here; the first Ctrl-C cancels it on the server."""
-        started: RunStarted | None = None
         ended: RunEnded | None = None
         history: dict[int, dict[str, float]] = {}
         try:
-            with _interrupt_stops(self._stop):
-                try:
-                    for event in self._events():
-                        if isinstance(event, RunStarted):
-                            started, self._running = event, True
-                        elif isinstance(event, EpochEnd):
-                            history[event.epoch] = {"epoch": event.epoch, **event.metrics}
-                        elif isinstance(event, RunEnded):
-                            ended = event
-                        for subscriber in self._subscribers:
-                            subscriber(event)
-                except KeyboardInterrupt:
-                    self._cancel(quiet=True)
-                    raise
-            self.result = self._result(self.client.get_job(self.job_id), started, ended, list(history.values()))
+            try:
+                for event in self._events():
+                    if isinstance(event, EpochEnd):
+                        history[event.epoch] = {"epoch": event.epoch, **event.metrics}
+                    elif isinstance(event, RunEnded):
+                        ended = event
+                    self.run.emit(event)
+            except BaseException:
+                # Whatever ends the following here (Ctrl-C twice, a lost connection, a bug)
+                # must not leave the job training on the server with nobody watching.
+                self._cancel(quiet=True)
+                raise
+            return self._result(self.client.get_job(self.job_id), ended, list(history.values()))
         finally:
             self.client.close()
-            self._done.set()
-        return self.result
 
     def _cancel(self, quiet: bool = False) -> None:
         if self._cancelled:
@@ -322,9 +293,10 @@ class RemoteRun:
                 items.put(exc)
 
         threading.Thread(target=pump, name=f"aiaas-events-{self.job_id}", daemon=True).start()
+        stop = self.run.stop_signal
         try:
             while True:
-                if self._stop.is_set():
+                if stop.is_set():
                     self._cancel()
                 try:
                     item = items.get(timeout=0.05)
@@ -338,10 +310,10 @@ class RemoteRun:
         finally:
             finished.set()
 
-    def _result(self, job: dict[str, Any], started: RunStarted | None, ended: RunEnded | None,
-                history: list[dict[str, float]]) -> TrainResult:
+    def _result(self, job: dict[str, Any], ended: RunEnded | None, history: list[dict[str, float]]) -> TrainResult:
         status = _STATUS.get(job["status"], "failed")
         error = job.get("error") or (ended.error if ended else None)
+        started = next((e for e in self.run.events if isinstance(e, RunStarted)), None)
         if started is None and status == "failed":
             raise AiaasError(f"Job {self.job_id} failed on the server at {self.client.url} before training "
                              f"started: {error or 'no reason given'}")
@@ -353,21 +325,24 @@ class RemoteRun:
             module = self._load(weights, model_name)
             if module is not None:
                 _SERVER_MODELS[module] = (self.client.url, model_name, version)
-        task = info.get("task") or (started.task if started else "classification")
-        classes = self._classes if self._classes is not None else info.get("classes")
-        if module is not None and info:
-            stats = info.get("normalizer")
-            normalizer = Normalizer(torch.tensor(stats["mean"]), torch.tensor(stats["std"])) if stats else None
-            _PREPROCESSING[module] = Preprocessing(task=task, classes=classes, normalizer=normalizer)
+        preprocessing = Preprocessing.from_dict(info) if info else self._preprocessing
+        if preprocessing is not None and self._preprocessing is not None and info:
+            # The server saw encoded tensors; the names of columns and labels are this side's.
+            for key in ("classes", "columns", "categories"):
+                if getattr(preprocessing, key) in (None, {}):
+                    setattr(preprocessing, key, getattr(self._preprocessing, key))
         reason = ended.reason if ended else ("cancelled before training started" if status == "stopped" else "")
         if ended is not None:
             seconds = ended.seconds
         else:
             seconds = float((job.get("finished_at") or 0) - (job.get("started_at") or job.get("finished_at") or 0))
-        return TrainResult(status=status, history=history, model=module, error=error, reason=reason,  # type: ignore[arg-type]
-                           seconds=seconds, run_id=started.run_id if started else self.job_id, task=task,
-                           classes=classes, hyperparameters=job.get("hyperparameters") or {},
-                           job_id=self.job_id, model_name=model_name)
+        result = result_of(self.run, model=module, preprocessing=preprocessing, status=status, history=history,
+                           error=error, reason=reason, seconds=seconds,
+                           run_id=started.run_id if started else self.job_id, job_id=self.job_id,
+                           model_name=model_name)
+        if not result.hyperparameters:
+            result.hyperparameters = job.get("hyperparameters") or {}
+        return result
 
     def _load(self, weights: ModelWeights, name: str) -> nn.Module | None:
         module = self._module
@@ -375,58 +350,13 @@ class RemoteRun:
             spec = weights.info.get("spec")
             if spec is None:
                 return None  # a user-defined module: attach --model NET loads the weights into it
-            module = build_model(spec)
+            module, _ = load_model({"spec": spec})
         try:
             module.load_state_dict(weights.state_dict)
         except RuntimeError as exc:
             raise AiaasError(f"MODEL: the trained weights of {name!r} do not fit the local "
                              f"{type(module).__name__}: {_first_line(exc)}") from None
         return module
-
-
-def _subscribers(progress: Any, stop: StopSignal,
-                 callbacks: Iterable[Callable[[Event], None]]) -> list[Callable[[Event], None]]:
-    return [s for s in [make_reporter(progress, stop), *callbacks] if s is not None]
-
-
-def train_remote(model: Any, data: Any, cfg: TrainConfig, *, backend: str, token: str | None = None,
-                 workers: int = 1, background: bool = False, val: Any = None, target: str | None = None,
-                 normalize: bool = False, threads: int | None = None, progress: Any = "auto",
-                 callbacks: Iterable[Callable[[Event], None]] = (), stop: StopSignal | None = None,
-                 name: str | None = None, shard: bool = False) -> TrainResult | RemoteRun:
-    """Train on the server at `backend`: the same arguments and result as local training."""
-    _check_remote_config(cfg, threads)
-    client = client_for(backend, token)
-    try:
-        submission = _submit(client, model, data, cfg, val=val, target=target, normalize=normalize,
-                             workers=workers, shard=shard, name=name)
-    except BaseException:
-        client.close()
-        raise
-    stop = stop or StopSignal()
-    if progress is not False:
-        print(submission.summary)
-    run = RemoteRun(client, submission.job["id"], module=submission.module, classes=submission.classes,
-                    subscribers=_subscribers(progress, stop, callbacks), stop=stop)
-    return run.start() if background else run.follow()
-
-
-def follow_job(backend: str, job_id: str, *, token: str | None = None, module: nn.Module | None = None,
-               progress: Any = "auto", callbacks: Iterable[Callable[[Event], None]] = (),
-               stop: StopSignal | None = None) -> TrainResult:
-    """Replay a job's events from the start into a new reporter, follow it live to its end and
-    return its result (`%aiaas attach`, e.g. after a kernel restart). The trained weights are
-    loaded into `module` when given, else into a built-in model rebuilt from its spec."""
-    client = client_for(backend, token)
-    try:
-        client.get_job(job_id)  # a clear error for an unknown id before any reporter appears
-    except BaseException:
-        client.close()
-        raise
-    stop = stop or StopSignal()
-    run = RemoteRun(client, job_id, module=module, classes=None, subscribers=_subscribers(progress, stop, callbacks),
-                    stop=stop)
-    return run.follow()
 
 
 # -- prediction ---------------------------------------------------------------------------
@@ -452,27 +382,41 @@ def _server_model(model: Any, url: str) -> tuple[str, int | None]:
                       describe(model))
 
 
-def _features(data: Any) -> torch.Tensor:
+def _raw(data: Any) -> Any:
     if isinstance(data, (tuple, list)) and len(data) == 2 and hasattr(data[0], "shape"):
         data = data[0]  # (X, y): predict on X
     if isinstance(data, str):
         if data.replace("_", "-") not in BUILTIN_DATASETS:
             raise BadArgument("--data", f"features or a built-in data set ({', '.join(BUILTIN_DATASETS)})", repr(data))
         data = load_builtin_dataset(data.replace("_", "-"))[0]
-    X = to_features(data)
-    if X.shape[0] == 0:
-        raise BadArgument("--data", "at least one row", "an empty input (0 rows)")
-    return X
+    return data
+
+
+def _server_preprocessing(client: Client, name: str, version: int | None) -> Preprocessing | None:
+    """What the server recorded of a model's inputs; None from servers that are not aiaas-lab."""
+    try:
+        entries = [m for m in client.models() if m["name"] == name]
+    except AiaasError:  # MLServer, Triton: no /v1/models
+        return None
+    entry = next((m for m in entries if version is None or m.get("version") == version), None)
+    if entry is None or not entry.get("preprocessing"):
+        return None
+    return Preprocessing.from_dict(entry["preprocessing"])
 
 
 def predict_remote(model: Any, data: Any, *, batch_size: int = 1024, classes: bool = False, backend: str,
-                   token: str | None = None) -> torch.Tensor:
+                   token: str | None = None) -> Any:
     """Run a model served at `backend` over the V2 inference protocol (so also MLServer or Triton).
-    Raw features are sent; the server applies the model's normalizer."""
+    DataFrames are encoded here as in training; the server applies the model's normalizer."""
     url = _normalize_url(backend)
     name, version = _server_model(model, url)
-    X = _features(data)
+    data = _raw(data)
     with client_for(url, token) as client:
+        prep = preprocessing_of(model) if not isinstance(model, str) else None
+        if prep is None:
+            prep = _server_preprocessing(client, name, version)
+        encoder = None if prep is None else Preprocessing(**{**prep.__dict__, "normalizer": None})
+        X = encoder.features(data) if encoder is not None else _plain_features(data)
         try:
             out = torch.cat([client.infer(name, X[i:i + int(batch_size)], version=version)
                              for i in range(0, X.shape[0], int(batch_size))])
@@ -482,8 +426,17 @@ def predict_remote(model: Any, data: Any, *, batch_size: int = 1024, classes: bo
             raise BadArgument("MODEL", f"a model served at {url}", f"{name!r}, which it does not have",
                               _known_models(client, name)) from None
     if classes:
-        return out.argmax(dim=1) if out.ndim == 2 and out.shape[1] > 1 else (out.reshape(-1) > 0).to(torch.int64)
+        return prep.labels(out) if prep is not None else class_indices(out)
     return out
+
+
+def _plain_features(data: Any) -> torch.Tensor:
+    from ..engine.inputs import to_features
+
+    X = to_features(data)
+    if X.shape[0] == 0:
+        raise BadArgument("--data", "at least one row", "an empty input (0 rows)")
+    return X
 
 
 def _known_models(client: Client, name: str) -> str:

@@ -18,61 +18,12 @@ from traitlets import Enum, Unicode
 
 from .._api import predict, train
 from ..engine.datasets import BUILTIN_DATASETS
+from .parsing import Parser as _Parser, group as _group, split_arguments
 from ..engine.loop import DEVICES, LOSSES, OPTIMIZERS
 from .._errors import AiaasError, close_matches
 from ..engine.models import BUILTIN_MODELS
 
 __all__ = ["AiaasMagics", "split_arguments"]
-
-_OPENERS = {"(": ")", "[": "]", "{": "}"}
-
-
-def split_arguments(text: str) -> list[str]:
-    """Split on whitespace outside brackets and quotes, so `--data (X, y[:100])` stays whole."""
-    tokens: list[str] = []
-    current: list[str] = []
-    stack: list[str] = []
-    quote: str | None = None
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if quote:
-            current.append(ch)
-            if ch == "\\" and i + 1 < len(text):
-                current.append(text[i + 1])
-                i += 1
-            elif text.startswith(quote, i):
-                current.extend(quote[1:])
-                i += len(quote) - 1
-                quote = None
-        elif ch in "\"'":
-            quote = ch * 3 if text.startswith(ch * 3, i) else ch
-            current.append(quote)
-            i += len(quote) - 1
-        elif ch in _OPENERS:
-            stack.append(_OPENERS[ch])
-            current.append(ch)
-        elif ch in ")]}":
-            if stack and stack[-1] == ch:
-                stack.pop()
-            current.append(ch)
-        elif ch.isspace() and not stack:
-            if current:
-                tokens.append("".join(current))
-                current = []
-        else:
-            current.append(ch)
-        i += 1
-    if quote or stack:
-        raise UsageError(f"unbalanced {'quote' if quote else 'bracket'} in: {text.strip()}")
-    if current:
-        tokens.append("".join(current))
-    return tokens
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{message}. See %aiaas {self.prog.split()[-1]} --help.")
 
 
 def _train_parser() -> _Parser:
@@ -87,8 +38,9 @@ def _train_parser() -> _Parser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, help="learning rate (default: sgd 0.01, adam/adamw 0.001)")
     p.add_argument("--optimizer", default="adam", help=f"one of {', '.join(OPTIMIZERS)}")
+    p.add_argument("--momentum", type=float, help="sgd's momentum (default 0.9)")
     p.add_argument("--loss", default="auto", help=f"one of {', '.join(LOSSES)}")
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, help="weight decay (default 0, or 0.01 for adamw)")
     p.add_argument("--grad-accum", type=int, default=1, metavar="K", help="accumulate gradients over K batches per step")
     p.add_argument("--clip", type=float, help="clip the gradient norm to this value")
     p.add_argument("--patience", type=int, help="stop early after N epochs without val_loss improvement")
@@ -119,37 +71,6 @@ def _predict_parser() -> _Parser:
     p.add_argument("--no-widget", action="store_true", help="no rich view of the predictions")
     p.add_argument("-o", dest="output", metavar="NAME", help="also store the result in this variable")
     return p
-
-
-def _group(tokens: list[str], parser: argparse.ArgumentParser) -> list[str]:
-    """Re-join the tokens of one option's value (`--data X + 1`) and pass values as `--opt=value`,
-    so an expression that starts with '-' is never mistaken for an option."""
-    flags = {s for a in parser._actions if a.nargs == 0 for s in a.option_strings}
-    options = {s for a in parser._actions for s in a.option_strings}
-    argv: list[str] = []
-    pending: str | None = None
-    values: list[str] = []
-
-    def flush() -> None:
-        nonlocal pending, values
-        if pending is not None:
-            argv.append(f"{pending}={' '.join(values)}" if values else pending)
-        pending, values = None, []
-
-    for token in tokens:
-        name = token.split("=", 1)[0]
-        if token.startswith("-") and (name in options or (token.startswith("--") and name[2:3].isalpha())):
-            flush()
-            if "=" in token or name in flags:
-                argv.append(token)
-            else:
-                pending = token
-        elif pending is not None:
-            values.append(token)
-        else:
-            argv.append(token)
-    flush()
-    return argv
 
 
 _HELP = """%aiaas train MODEL --data DATA [options]   train, with live progress
@@ -240,7 +161,7 @@ class AiaasMagics(Magics):
                 val = self._evaluate(opts.val, "--val")
         result = train(
             model, data, val=val, target=opts.target, epochs=opts.epochs, batch_size=opts.batch_size,
-            lr=opts.lr, optimizer=opts.optimizer, loss=opts.loss, weight_decay=opts.weight_decay,
+            lr=opts.lr, optimizer=opts.optimizer, momentum=opts.momentum, loss=opts.loss, weight_decay=opts.weight_decay,
             grad_accum=opts.grad_accum, clip=opts.clip, patience=opts.patience, normalize=opts.normalize,
             seed=opts.seed, device=opts.device, threads=opts.threads, checkpoint=opts.checkpoint,
             resume=opts.resume, workers=opts.workers, shard=opts.shard, background=opts.background,

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
+from .._format import format_duration, format_metric, format_rate, history_table
 from ..engine.events import EpochEnd, Event, RunEnded, RunStarted, StepEnd
 
 __all__ = ["TextProgress", "make_reporter", "format_duration", "format_rate", "history_table", "PROGRESS_MODES"]
@@ -18,52 +19,23 @@ __all__ = ["TextProgress", "make_reporter", "format_duration", "format_rate", "h
 PROGRESS_MODES = ("auto", "widget", "html", "text")
 
 
-def format_duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-def format_rate(per_second: float) -> str:
-    if per_second >= 1e6:
-        return f"{per_second / 1e6:.1f}M"
-    if per_second >= 1e3:
-        return f"{per_second / 1e3:.1f}k"
-    return f"{per_second:.0f}"
-
-
-def history_table(history: list[dict[str, float]], limit: int = 12) -> str:
-    """A small fixed-width table of per-epoch metrics; long runs show the first and last rows."""
-    if not history:
-        return "(no completed epoch)"
-    columns = ["epoch"] + [k for k in ("loss", "accuracy", "val_loss", "val_accuracy") if k in history[-1]]
-    rows = history if len(history) <= limit else history[: limit // 2] + [{}] + history[-(limit // 2):]
-    width = {c: max(len(c), 7) for c in columns}
-    lines = ["  ".join(c.rjust(width[c]) for c in columns)]
-    for row in rows:
-        if not row:
-            lines.append("  ".join("...".rjust(width[c]) for c in columns))
-            continue
-        cells = []
-        for c in columns:
-            value = row.get(c)
-            text = "" if value is None else (str(int(value)) if c == "epoch" else f"{value:.4f}")
-            cells.append(text.rjust(width[c]))
-        lines.append("  ".join(cells))
-    return "\n".join(lines)
-
-
 class TextProgress:
     """One line, rewritten in place at most `interval` seconds apart, then a final table.
 
     The rate limit is checked against a monotonic clock on each event, which costs well under a
-    microsecond, so this reporter adds nothing measurable to the loop.
+    microsecond, so this reporter adds nothing measurable to the loop. Where the output is not a
+    terminal (a CI log, `make demo | tee`), carriage-return redraws would pile up on one line:
+    there it writes one line per epoch instead.
     """
 
-    def __init__(self, stream: IO[str] | None = None, interval: float = 0.5) -> None:
+    def __init__(self, stream: IO[str] | None = None, interval: float = 0.5, redraw: bool | None = None) -> None:
         self.stream = stream or sys.stdout
         self.interval = interval
+        if redraw is None:
+            isatty = getattr(self.stream, "isatty", None)
+            # A notebook's stdout is not a tty but renders "\r" as a redraw.
+            redraw = bool(isatty and isatty()) or "ipykernel" in type(self.stream).__module__
+        self.redraw = redraw
         self._last_draw = 0.0
         self._started: RunStarted | None = None
         self._t0 = 0.0
@@ -74,7 +46,7 @@ class TextProgress:
     def __call__(self, event: Event) -> None:
         if isinstance(event, RunStarted):
             self._started, self._t0 = event, time.monotonic()
-        elif isinstance(event, StepEnd):
+        elif isinstance(event, StepEnd) and self.redraw:
             now = time.monotonic()
             if now - self._last_draw >= self.interval:
                 self._last_draw = now
@@ -98,26 +70,31 @@ class TextProgress:
         bar = "#" * int(fraction * 20)
         rate = event.samples / elapsed if elapsed > 0 else 0.0
         return (f"epoch {event.epoch}/{started.epochs} [{bar:<20}] {fraction:4.0%} "
-                f"loss {event.loss:.4f}  {format_rate(rate)} samples/s  "
+                f"loss {format_metric(event.loss)}  {format_rate(rate)} samples/s  "
                 f"elapsed {format_duration(elapsed)}  ETA {format_duration(eta)}")
 
     def _epoch_line(self, event: EpochEnd) -> str:
         assert self._started is not None
-        metrics = "  ".join(f"{k} {v:.4f}" for k, v in event.metrics.items())
+        metrics = "  ".join(f"{k} {format_metric(v)}" for k, v in event.metrics.items())
         elapsed = time.monotonic() - self._t0
         return f"epoch {event.epoch}/{self._started.epochs}  {metrics}  elapsed {format_duration(elapsed)}"
 
     def _draw(self, line: str) -> None:
+        if not self.redraw:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+            return
         # Pad over the previous line: "\r" alone leaves the tail of a longer line behind.
         self.stream.write("\r" + line.ljust(self._width))
         self._width = len(line)
         self.stream.flush()
 
     def _finish(self, event: RunEnded) -> None:
-        self.stream.write("\n")
+        if self.redraw:
+            self.stream.write("\n")
         summary = f"{event.status} after {event.epochs_completed} epoch{'s' if event.epochs_completed != 1 else ''}"
         summary += f" in {format_duration(event.seconds)}"
-        if event.reason:
+        if event.reason and event.reason != event.error:
             summary += f" ({event.reason})"
         self.stream.write(summary + "\n")
         if event.error:
@@ -127,11 +104,12 @@ class TextProgress:
 
 def _in_widget_frontend() -> bool:
     """True inside a Jupyter kernel (JupyterLab, Notebook 7, VS Code, Colab), where widgets render."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
+    # Only a process that has imported IPython can be a kernel: a plain script never pays for
+    # importing it here.
+    ipython = sys.modules.get("IPython")
+    if ipython is None:
         return False
-    shell = get_ipython()
+    shell = ipython.get_ipython()
     return shell is not None and getattr(shell, "kernel", None) is not None
 
 

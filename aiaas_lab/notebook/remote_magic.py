@@ -12,8 +12,9 @@ from typing import Any
 
 from ..client.client import Client, RemoteError, _normalize_url
 from .._errors import AiaasError, BadArgument
-from .magic import _Parser
-from ..launch.remote import client_for, follow_job, remember_token
+from .parsing import Parser as _Parser, split_arguments
+from .._api import attach
+from ..launch.remote import client_for, remember_token
 
 __all__ = ["run_remote_command", "Listing"]
 
@@ -135,7 +136,7 @@ def _attach(magics: Any, args: list[str]) -> Any:
 
             raise BadArgument("--model", "a torch.nn.Module to load the weights into", describe(module))
     try:
-        result = follow_job(url, opts.job_id, module=module, progress=magics._progress(opts.no_widget))
+        result = attach(opts.job_id, backend=url, model=module, progress=magics._progress(opts.no_widget))
     except RemoteError as exc:
         raise _job_error(exc, opts.job_id, url) from None
     if result.model is None and result.model_name:

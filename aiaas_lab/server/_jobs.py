@@ -3,36 +3,23 @@ and how a job row is shown on the wire."""
 
 from __future__ import annotations
 
-import math
 import re
 import secrets
-from dataclasses import fields
 from typing import Any
 
 import orjson
 
+from .._errors import AiaasError
 from ..engine.datasets import BUILTIN_DATASETS
-from ..engine.loop import DEFAULT_LR, LOSSES, TrainConfig
+from ..engine.job import MAX_WORKERS, check_combination, parse_request
 from ..engine.models import BUILTIN_MODELS
 from ._blobs import Blobs, check_sha256, safetensors_header
 from ._http import ApiError
 
-__all__ = ["validate_request", "render_job", "new_job_id", "TERMINAL", "NAME_PATTERN"]
+__all__ = ["validate_request", "render_job", "new_job_id", "TERMINAL", "NAME_PATTERN", "MAX_WORKERS"]
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-
-_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
-MAX_WORKERS = 16  # processes one job may start on this machine (torchrun --nproc-per-node)
-# name: (kind, may be null); kinds: int (>= 1), float (> 0), nonneg (>= 0), seed (>= 0), bool, or a tuple of choices
-_HYPERPARAMETERS: dict[str, tuple[Any, bool]] = {
-    "epochs": ("int", False), "batch_size": ("int", False), "lr": ("float", True),
-    "optimizer": (tuple(DEFAULT_LR), False), "loss": (LOSSES, False), "weight_decay": ("nonneg", False),
-    "grad_accum": ("int", False), "clip": ("float", True), "patience": ("int", True),
-    "seed": ("seed", True), "normalize": ("bool", False), "workers": ("int", False), "shard": ("bool", False),
-}
-_EXPECTED = {"int": "a whole number from 1 to 2**31 - 1", "float": "a number > 0", "nonneg": "a number >= 0",
-             "seed": "a whole number from 0 to 2**31 - 1", "bool": "true or false"}
 
 
 def new_job_id() -> str:
@@ -44,47 +31,6 @@ def _fail(where: str, expected: str, found: Any) -> ApiError:
     if len(text) > 80:
         text = text[:77] + "..."
     return ApiError(400, f"{where}: expected {expected}, but found {text}.")
-
-
-def _check_hyperparameters(raw: Any) -> dict[str, Any]:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise _fail("hyperparameters", "an object", raw)
-    unknown = sorted(set(raw) - set(_HYPERPARAMETERS))
-    if unknown:
-        raise ApiError(400, f"hyperparameters: unknown option {unknown[0]!r}; expected some of "
-                            f"{', '.join(_HYPERPARAMETERS)}.")
-    out: dict[str, Any] = {}
-    for name, (kind, nullable) in _HYPERPARAMETERS.items():
-        default = {"normalize": False, "workers": 1, "shard": False}.get(name, _DEFAULTS.get(name))
-        value = raw.get(name, default)
-        where = f"hyperparameters.{name}"
-        if value is None and nullable:
-            out[name] = None
-            continue
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if isinstance(kind, tuple):
-            if value not in kind:
-                raise _fail(where, "one of " + ", ".join(kind), value)
-        elif kind == "bool":
-            if not isinstance(value, bool):
-                raise _fail(where, _EXPECTED[kind], value)
-        elif kind in ("int", "seed"):
-            if not (number and math.isfinite(value) and float(value).is_integer()
-                    and (1 if kind == "int" else 0) <= value < 2**31):
-                raise _fail(where, _EXPECTED[kind] + (" or null" if nullable else ""), value)
-            value = int(value)
-        else:
-            if not (number and math.isfinite(value) and (value > 0 if kind == "float" else value >= 0)):
-                raise _fail(where, _EXPECTED[kind] + (" or null" if nullable else ""), value)
-            value = float(value)
-        out[name] = value
-    if out["workers"] > MAX_WORKERS:
-        raise _fail("hyperparameters.workers", f"at most {MAX_WORKERS} processes for one job", out["workers"])
-    if out["shard"] and out["workers"] < 2:
-        raise _fail("hyperparameters.shard", "workers >= 2 to shard the model across", out["workers"])
-    return out
 
 
 def _blob(blobs: Blobs, tenant: str, value: Any, where: str) -> str:
@@ -115,17 +61,13 @@ def _check_model(raw: Any, blobs: Blobs, tenant: str, allow_code: bool) -> dict[
         config = raw.get("config") or {}
         if not isinstance(config, dict):
             raise _fail("model.config", "an object", config)
-        _only(config, ("input_shape", "output_size", "hidden"), "model.config")
-        for key in ("input_shape", "hidden"):
-            value = config.get(key)
-            if value is not None and not (isinstance(value, list) and value and all(
-                    isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1_000_000 for v in value)):
-                raise _fail(f"model.config.{key}", "a list of whole numbers >= 1", value)
-        size = config.get("output_size")
-        if size is not None and not (isinstance(size, int) and not isinstance(size, bool) and 0 < size <= 1_000_000):
-            raise _fail("model.config.output_size", "a whole number >= 1", size)
-        if "hidden" in config and raw["builtin"] != "mlp":
-            raise ApiError(400, "model.config.hidden: only the mlp model has hidden layers.")
+        from ..engine.prepare import builtin_spec
+
+        try:  # the same rules the runner applies once it knows the data's shapes
+            builtin_spec(raw["builtin"], config, tuple(config.get("input_shape") or (1,)),
+                         config.get("output_size") or 1)
+        except AiaasError as exc:
+            raise ApiError(400, str(exc)) from None
         return {"builtin": raw["builtin"], "config": config}
     if "export" in raw:
         _only(raw, ("export",), "model")
@@ -190,32 +132,22 @@ def _check_data(raw: Any, blobs: Blobs, tenant: str, where: str) -> dict[str, An
 
 
 def validate_request(body: Any, blobs: Blobs, tenant: str, allow_code: bool) -> dict[str, Any]:
-    """The canonical job request; raises ApiError(400) naming the first problem."""
-    if not isinstance(body, dict):
-        raise ApiError(400, f"the request body: expected a JSON object, but found a JSON {type(body).__name__}.")
-    _only(body, ("model", "data", "val", "hyperparameters", "name"), "the request body")
-    for key in ("model", "data"):
-        if key not in body:
-            raise ApiError(400, f"the request body: {key!r} is required.")
-    name = body.get("name")
-    if name is not None and not (isinstance(name, str) and NAME_PATTERN.fullmatch(name)):
-        raise _fail("name", "a model name of letters, digits, '.', '_' and '-' (at most 100)", name)
-    hyperparameters = _check_hyperparameters(body.get("hyperparameters"))
-    val = body.get("val")
-    if isinstance(val, (int, float)) and not isinstance(val, bool):
-        if not 0 < val < 1:
-            raise _fail("val", "a fraction between 0 and 1 or {\"tensors\": SHA}", val)
-        val = float(val)
-    elif val is not None:
-        if not isinstance(val, dict) or "tensors" not in val:
-            raise _fail("val", 'null, a fraction or {"tensors": SHA}', val)
+    """The canonical job request; raises ApiError(400) naming the first problem, in the same
+    words `aiaas_lab.train()` uses for the same mistake (one schema, one validation)."""
+    try:
+        request, hyperparameters = parse_request(body)
+        check_combination(hyperparameters, has_val=request.val is not None, remote=True)
+    except AiaasError as exc:
+        raise ApiError(400, str(exc)) from None
+    if request.name is not None and not NAME_PATTERN.fullmatch(request.name):
+        raise _fail("name", "a model name of letters, digits, '.', '_' and '-' (at most 100)", request.name)
+    h = hyperparameters.to_dict()
+    val = request.val
+    if isinstance(val, dict):
         val = _check_tensors(val, blobs, tenant, "val")
-    if hyperparameters["patience"] is not None and val is None:
-        raise ApiError(400, "hyperparameters.patience: early stopping needs validation data; give val "
-                            "(a fraction or tensors).")
-    return {"model": _check_model(body["model"], blobs, tenant, allow_code),
-            "data": _check_data(body["data"], blobs, tenant, "data"),
-            "val": val, "hyperparameters": hyperparameters, "name": name}
+    return {"model": _check_model(request.model, blobs, tenant, allow_code),
+            "data": _check_data(request.data, blobs, tenant, "data"),
+            "val": val, "hyperparameters": h, "name": request.name, "preprocessing": request.preprocessing}
 
 
 def render_job(row: Any) -> dict[str, Any]:

@@ -35,7 +35,10 @@ def model_entry(row: Any) -> dict[str, Any]:
     inputs, outputs = tensor_metadata(info)
     return {"name": row["name"], "version": row["version"], "job_id": row["job_id"],
             "created_at": row["created_at"], "task": info["task"], "classes": info["classes"],
-            "inputs": inputs, "outputs": outputs}
+            "inputs": inputs, "outputs": outputs,
+            # What a client needs to encode raw inputs as training did (predict on a DataFrame).
+            "preprocessing": {k: info.get(k) for k in ("task", "classes", "columns", "categories",
+                                                       "input_shape", "output_size")}}
 
 
 @dataclass
@@ -101,24 +104,22 @@ class Registry:
         import torch
         from safetensors.torch import load_file
 
-        from ..engine.models import build_model
+        from .._errors import AiaasError
+        from ..engine.prepare import load_model
 
         info = orjson.loads(row["info"])
         directory = self.jobs_dir / row["job_id"]
         if info.get("spec") is not None:
-            module = build_model(info["spec"])
+            ref: dict[str, Any] = {"spec": info["spec"]}
         elif (directory / "graph.json").exists():
-            from ..engine.export import load_exported
-
-            module = load_exported((directory / "graph.json").read_bytes(),
-                                   (directory / "init.safetensors").read_bytes())
+            ref = {"export": {"graph": directory / "graph.json", "weights": directory / "init.safetensors"}}
         else:
-            if not self.allow_code:
-                raise ApiError(400, f"model {row['name']!r} was sent as code (cloudpickle); serving it needs a "
-                                    "server started with --allow-code.")
-            from ..engine.export import load_pickled
-
-            module = load_pickled((directory / "model.pkl").read_bytes())
+            ref = {"pickle": directory / "model.pkl"}
+        try:  # the one model loader, as the runner and the worker use it
+            module, _ = load_model(ref, allow_code=self.allow_code)
+        except AiaasError:
+            raise ApiError(400, f"model {row['name']!r} was sent as code (cloudpickle); serving it needs a "
+                                "server started with --allow-code.") from None
         module.load_state_dict(load_file(str(directory / "model.safetensors")))
         module.eval()
         for parameter in module.parameters():

@@ -29,22 +29,20 @@ __all__ = ["main", "run_job"]
 
 
 def _die_with_parent(parent: int) -> None:
-    if sys.platform.startswith("linux"):
-        import ctypes
+    # The executor starts this process with PDEATHSIG already (aiaas_lab._procs); this covers a
+    # runner started by hand, and a server that died before this line.
+    from .. import _procs
 
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent:  # the server died before prctl took effect
-        os._exit(3)
+    _procs.die_with_parent(parent)
 
 
 def _send(channel: BinaryIO, message: dict[str, Any]) -> None:
     import orjson
 
-    # orjson writes NaN as null: a diverged loss still reaches the client as valid JSON.
-    channel.write(orjson.dumps(message) + b"\n")
+    from ..engine.events import to_wire
+
+    # The event codec's wire form: a NaN or infinite loss crosses as a string and comes back a float.
+    channel.write(orjson.dumps(to_wire(message)) + b"\n")
     channel.flush()
 
 
@@ -55,71 +53,24 @@ def _load_pair(path: str) -> tuple[Any, Any]:
     return tensors["X"], tensors["y"]
 
 
-def _build_builtin(name: str, config: dict[str, Any], data: Any, cfg: Any, val: Any, normalize: bool) -> tuple[Any, dict[str, Any]]:
-    import torch
+def job_of(spec: dict[str, Any]) -> Any:
+    """The executor's job spec as the engine's Job: the same description every launcher runs."""
+    from ..engine.job import Job, parse_hyperparameters
 
-    from ..engine.data import prepare_data
-    from ..engine.models import build_model, model_spec
-
-    if "input_shape" in config and "output_size" in config:
-        shape, size = tuple(config["input_shape"]), config["output_size"]
-    else:
-        # Sizing the model needs the prepared data's shapes; prepare_run prepares it once more.
-        prepared = prepare_data(data, val=val, loss=cfg.loss, normalize=normalize,
-                                batch_size=cfg.batch_size, seed=cfg.seed)
-        shape, size = prepared.input_shape, prepared.output_size
-    spec = model_spec(name, shape, size)
-    spec["config"].update(config)
-    torch.manual_seed(cfg.seed)  # the same seed gives the same initial weights as a local run
-    try:
-        return build_model(spec), spec
-    except ValueError as exc:
-        from .._errors import BadArgument
-
-        raise BadArgument("model", f"data that fits the {name} model", str(exc)) from None
-
-
-def _prepare(job: dict[str, Any], cfg: Any) -> tuple[Any, Any, dict[str, Any] | None]:
-    """The module, the prepared data and the built-in spec (None for a module sent by the client)."""
-    from .._api import prepare_run
-    from ..engine.datasets import load_builtin_dataset
-    from .._errors import AiaasError
-
-    h = job["hyperparameters"]
-    data_ref = job["data"]
-    data = (load_builtin_dataset(data_ref["builtin"], cfg.seed) if "builtin" in data_ref
-            else _load_pair(data_ref["tensors"]))
-    val = job["val"]
+    h = {**spec["hyperparameters"], "checkpoint": "checkpoint", "resume": True}  # a restarted job continues
+    data_ref, val = spec["data"], spec["val"]
+    data = data_ref["builtin"] if "builtin" in data_ref else _load_pair(data_ref["tensors"])
     if isinstance(val, dict):
         val = _load_pair(val["tensors"])
-    model_ref = job["model"]
-    spec = None
-    if "builtin" in model_ref and not model_ref.get("config"):
-        model: Any = model_ref["builtin"]
-    elif "builtin" in model_ref:
-        model, spec = _build_builtin(model_ref["builtin"], model_ref["config"], data, cfg, val, h["normalize"])
-    elif "export" in model_ref:
-        from ..engine.export import load_exported
-
-        with open(model_ref["export"]["graph"], "rb") as g, open(model_ref["export"]["weights"], "rb") as w:
-            model = load_exported(g.read(), w.read())
-    else:
-        from ..engine.export import load_pickled
-
-        if not job.get("allow_code"):
-            raise AiaasError("model.pickle: this server does not run models sent as code.")
-        with open(model_ref["pickle"], "rb") as f:
-            model = load_pickled(f.read())
-    module, prepared, built_spec = prepare_run(model, data, cfg, val=val, target=None, normalize=h["normalize"])
-    return module, prepared, spec or built_spec
+    return Job(model=spec["model"], data=data, val=val, hyperparameters=parse_hyperparameters(h))
 
 
-def _save_model(module: Any, prepared: Any, spec: dict[str, Any] | None) -> dict[str, Any]:
-    """Write model.safetensors (the state dict, plus what predicting needs as metadata)."""
-    from ..engine.checkpoint import model_info, save_trained_model
-
-    info = model_info(prepared, spec)
-    save_trained_model("model.safetensors", module.state_dict(), info)
+def model_info(prepared: Any, spec: dict[str, Any]) -> dict[str, Any]:
+    """The trained model's metadata: the preparation's, with the names the client learned."""
+    info = prepared.model_info()
+    for key, value in (spec.get("preprocessing") or {}).items():
+        if value:
+            info[key] = value
     return info
 
 
@@ -129,9 +80,11 @@ def run_job(job: dict[str, Any], channel: BinaryIO, stop: Any) -> int:
 
     import torch
 
-    from ..engine.loop import TrainConfig, fit
     from .._errors import AiaasError
+    from ..engine.checkpoint import save_trained_model
     from ..engine.events import Event, RunEnded
+    from ..engine.loop import fit
+    from ..engine.prepare import prepare
 
     h = job["hyperparameters"]
     if h.get("workers", 1) > 1:
@@ -139,17 +92,14 @@ def run_job(job: dict[str, Any], channel: BinaryIO, stop: Any) -> int:
 
         return run_distributed_job(job, lambda message: _send(channel, message), stop)
     torch.set_num_threads(int(job.get("threads", 1)))
-    cfg = TrainConfig(epochs=h["epochs"], batch_size=h["batch_size"], lr=h["lr"], optimizer=h["optimizer"],
-                      loss=h["loss"], weight_decay=h["weight_decay"], grad_accum=h["grad_accum"],
-                      clip=h["clip"], patience=h["patience"], seed=h["seed"],
-                      checkpoint="checkpoint", resume=True)  # resume: a restarted job continues
     try:
-        module, prepared, spec = _prepare(job, cfg)
+        prepared = prepare(job_of(job), allow_code=bool(job.get("allow_code")))
     except AiaasError as exc:
         _send(channel, {"error": str(exc)})
         return 0
     except Exception as exc:  # a bad upload must fail the job with its reason, not a traceback
-        _send(channel, {"error": f"the job could not start: {type(exc).__name__}: {exc}"})
+        print(f"aiaas_lab.server._runner: the job could not start: {exc!r}", file=sys.stderr, flush=True)
+        _send(channel, {"error": f"the job could not start: {type(exc).__name__}"})
         return 0
 
     ended: list[RunEnded] = []
@@ -160,16 +110,20 @@ def run_job(job: dict[str, Any], channel: BinaryIO, stop: Any) -> int:
         else:
             _send(channel, {"event": event.to_dict()})
 
-    outcome = fit(module, prepared, cfg, emit, stop, run_id=job["job_id"])
+    info = model_info(prepared, job)
+    outcome = fit(prepared.module, prepared.data, prepared.config, emit, stop, run_id=job["job_id"],
+                  extra_state={"preprocessing": info})
     final = ended[-1] if ended else RunEnded(status="failed", epochs_completed=len(outcome.history),
                                             steps=outcome.steps, seconds=outcome.seconds,
                                             error=outcome.error or "the engine ended without a run_ended event")
     if final.status == "completed":
         try:
-            _send(channel, {"model": _save_model(module, prepared, spec)})
+            save_trained_model("model.safetensors", prepared.module.state_dict(), info)
+            _send(channel, {"model": info})
         except Exception as exc:
+            print(f"aiaas_lab.server._runner: saving the weights failed: {exc!r}", file=sys.stderr, flush=True)
             final = dataclasses.replace(final, status="failed",
-                                        error=f"the trained weights could not be saved: {type(exc).__name__}: {exc}")
+                                        error=f"the trained weights could not be saved ({type(exc).__name__})")
     _send(channel, {"event": final.to_dict()})
     return 0
 
@@ -181,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     channel = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # a print() in user code must never corrupt the protocol
 
-    from .._api import StopSignal
+    from ..launch.handle import StopSignal
 
     class _Stop(StopSignal):
         def is_set(self) -> bool:
@@ -197,8 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     # optimizer imports torch._dynamo (seconds).
     import torch
 
-    from .. import _api  # noqa: F401
-    from ..engine import loop  # noqa: F401
+    from ..engine import prepare  # noqa: F401  (the engine, the data and the models)
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     try:
         import sklearn.datasets  # noqa: F401  (the digits data set)
