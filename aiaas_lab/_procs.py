@@ -30,9 +30,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["popen", "spawn", "die_with_parent", "watch_parent", "stop", "stop_all", "astop"]
+__all__ = ["LAUNCHER_PID_ENV", "popen", "spawn", "die_with_parent", "watch_parent", "stop", "stop_all", "astop", "limit_memory"]
 
 _LINUX = sys.platform.startswith("linux")
+# A launcher whose children start other processes it does not control (torchrun's ranks) tells
+# them here which pid their parent must be; `watch_parent` in them checks it.
+LAUNCHER_PID_ENV = "AIAAS_LAB_LAUNCHER_PID"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -85,11 +88,16 @@ async def spawn(argv: Sequence[str], **kwargs: Any) -> asyncio.subprocess.Proces
                                                 preexec_fn=_preexec(os.getpid()), **kwargs)
 
 
-def watch_parent(interval: float = 0.5, on_orphan: Callable[[], None] = lambda: os._exit(3)) -> None:
-    """For a process whose parent cannot be trusted to take it down: PDEATHSIG where the system
-    has it, and a daemon thread that notices the parent changed (reparented to init or a
-    subreaper) within `interval` seconds everywhere else."""
-    parent = os.getppid()
+def watch_parent(parent: int | None = None, interval: float = 0.5,
+                 on_orphan: Callable[[], None] = lambda: os._exit(3)) -> None:
+    """For a process whose launcher cannot be trusted to take it down: PDEATHSIG where the
+    system has it, and a daemon thread that notices the parent changed (reparented to init or a
+    subreaper) within `interval` seconds everywhere else. `parent`: the pid the launcher said it
+    has (LAUNCHER_PID_ENV), which also catches a launcher that died before this was called."""
+    parent = os.getppid() if parent is None else parent
+    if os.getppid() != parent:
+        on_orphan()
+        return
     die_with_parent(parent)
 
     def watch() -> None:
@@ -136,3 +144,23 @@ async def astop(process: asyncio.subprocess.Process, grace: float = 2.0) -> int:
             await asyncio.wait_for(process.wait(), grace)
     _signal_group(process.pid, signal.SIGKILL)  # what the leader started in its group, too
     return await process.wait()
+
+
+def limit_memory(pid: int, megabytes: int | None) -> bool:
+    """Cap what process `pid` (and every process it starts afterwards) may allocate, in MB;
+    False where the system cannot. RLIMIT_DATA, not RLIMIT_AS: torch (and CUDA far more) reserve
+    address space they never touch (a warm runner: ~950 MB of address space for ~450 MB of data),
+    so an address-space cap fails jobs that use little memory. RLIMIT_DATA counts the heap and
+    every private writable mapping, which is where tensors live; an allocation past it fails in
+    the process (MemoryError, torch's "can't allocate memory") instead of the OOM killer picking
+    a victim. It is per process: a job's every process gets the same cap."""
+    if not megabytes:
+        return False
+    try:
+        import resource
+
+        limit = int(megabytes) * 2**20
+        resource.prlimit(pid, resource.RLIMIT_DATA, (limit, limit))  # type: ignore[attr-defined]
+    except (ImportError, AttributeError, OSError, ValueError):
+        return False
+    return True

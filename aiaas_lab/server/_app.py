@@ -18,7 +18,7 @@ from starlette.responses import Response
 from .._errors import AiaasError
 from ._auth import AuthMiddleware
 from ._blobs import Blobs
-from ._executor import Executor, JobSignals
+from ._executor import DEFAULT_JOB_MEMORY_MB, Executor, JobSignals
 from ._http import ApiError, error_response
 from ._limits import BodyLimitMiddleware
 from ._registry import Registry
@@ -38,6 +38,7 @@ class ServerConfig:
     allow_code: bool = False
     threads_per_job: int = 0  # 0: the cores but one (the server's) shared out among max_jobs
     keepalive_s: float = 15.0
+    job_memory_mb: int = DEFAULT_JOB_MEMORY_MB  # each process of a job may allocate this much; 0: no limit
 
     def threads(self) -> int:
         # Oversubscribed torch threads spin against each other: on 2 busy cores, 2 threads per
@@ -97,6 +98,7 @@ def create_app(config: ServerConfig) -> Starlette:
         state.registry = Registry(state.store, jobs_dir, config.allow_code)
         state.executor = Executor(state.store, state.blobs, jobs_dir, state.signals, max_jobs=config.max_jobs,
                                   threads_per_job=config.threads(), allow_code=config.allow_code,
+                                  job_memory_mb=config.job_memory_mb or None,
                                   on_model=state.registry.invalidate)
         await state.executor.start()
         try:

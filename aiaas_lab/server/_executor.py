@@ -8,6 +8,13 @@ a reader that sees the terminal status has already seen every event.
 After a crash or restart, a job still marked running is launched again with the engine's
 resume (it continues from its last checkpoint); one interrupted too often is failed with the
 reason, so no job stays running forever.
+
+Faults that must not stop the service: a cancel the job ignores (a model hanging in forward) is
+followed by a kill after CANCEL_GRACE_S; a store that refuses writes pauses the running jobs
+(their workers block on the pipe) and the scheduler until it accepts them again, instead of
+losing them; a job's processes are started and stopped only through `_procs` (own process
+group, dead with the server). What a tenant reads about a failure is one line with no server
+paths; the log tail behind it goes to the server's stderr.
 """
 
 from __future__ import annotations
@@ -25,14 +32,22 @@ from typing import Any
 
 import orjson
 
-from ..engine.events import event_from_dict
+from .. import _procs
+from ..engine.events import event_from_dict, to_wire
 from ._blobs import Blobs
 from ._ledger import claim, finish, insert_events, request_cancel, synthetic_end
-from ._store import Store
+from ._store import StorageUnavailable, Store
 
-__all__ = ["Executor", "JobSignals", "MAX_LAUNCHES"]
+__all__ = ["Executor", "JobSignals", "MAX_LAUNCHES", "CANCEL_GRACE_S", "DEFAULT_JOB_MEMORY_MB"]
 
 MAX_LAUNCHES = 4  # the first run and three resumes after the server stopped under it
+CANCEL_GRACE_S = 10.0  # a cancelled job stops at its next step; one that does not is killed after this
+STOP_GRACE_S = 2.0  # SIGTERM to SIGKILL when the server stops (the jobs resume from their checkpoints)
+# Per process of a job (RLIMIT_DATA, see _procs.limit_memory). A warm runner holds ~450 MB of
+# data (torch, the engine); training the built-in models on the built-in data adds well under
+# 100 MB; 4 GB leaves room for real data sets while one runaway job cannot take the machine.
+DEFAULT_JOB_MEMORY_MB = 4096
+_MEMORY_SIGNS = ("memoryerror", "can't allocate memory", "cannot allocate memory", "bad_alloc", "out of memory")
 
 
 class JobSignals:
@@ -58,14 +73,16 @@ class _Running:
     model: dict[str, Any] | None = None
     error: str | None = None
     ended: bool = False
+    killer: asyncio.Task[None] | None = None  # the kill that follows an ignored cancel
 
 
 class Executor:
     def __init__(self, store: Store, blobs: Blobs, jobs_dir: Path, signals: JobSignals, *, max_jobs: int,
-                 threads_per_job: int, allow_code: bool,
+                 threads_per_job: int, allow_code: bool, job_memory_mb: int | None = DEFAULT_JOB_MEMORY_MB,
                  on_model: Callable[[str, str], None] = lambda tenant, name: None) -> None:
         self.store, self.blobs, self.jobs_dir, self.signals = store, blobs, jobs_dir, signals
         self.max_jobs, self.threads_per_job, self.allow_code = max_jobs, threads_per_job, allow_code
+        self.job_memory_mb = job_memory_mb
         self.on_model = on_model
         self._running: dict[str, _Running] = {}
         self._launching: set[str] = set()
@@ -80,24 +97,22 @@ class Executor:
     async def start(self) -> None:
         for row in self.store.all("SELECT id FROM jobs WHERE status = 'running' AND cancel_requested = 1"):
             await self._end(row["id"], synthetic_end("stopped", "cancelled"))  # cancelled while the server was down
-        self._spare_task = asyncio.create_task(self._refill_spare())
+        self._ensure_spare()
         self._loop_task = asyncio.create_task(self._schedule())
         self._wake.set()
 
     async def stop(self) -> None:
-        """Kill the workers; their jobs stay running and resume from their checkpoints at the next start."""
+        """Stop the workers and everything they started; their jobs stay running and resume
+        from their checkpoints at the next start."""
         self._stopping = True
-        for task in (self._loop_task, self._spare_task):
-            if task is not None:
-                task.cancel()
-        processes = [r.process for r in self._running.values()] + ([self._spare] if self._spare else [])
-        for process in processes:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-        for process in processes:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        if self._spare_task is not None:  # a spawn in flight: let it finish, so its process is known
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(process.wait(), 5)
-        tasks = [r.task for r in self._running.values() if r.task is not None]
+                await asyncio.wait_for(asyncio.shield(self._spare_task), 10)
+        processes = [r.process for r in self._running.values()] + ([self._spare] if self._spare else [])
+        await asyncio.gather(*(_procs.astop(p, STOP_GRACE_S) for p in processes), return_exceptions=True)
+        tasks = [t for r in self._running.values() for t in (r.task, r.killer) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -119,16 +134,28 @@ class Executor:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while len(self._running) < self.max_jobs and not self._stopping:
-                job_id = self._next_job()
-                if job_id is None:
-                    break
-                try:
-                    await self._start_job(job_id)
-                except Exception as exc:  # a job that cannot even start fails alone
-                    print(f"aiaas-lab serve: job {job_id} could not start: {exc!r}", file=sys.stderr)
-                    self._running.pop(job_id, None)
-                    await self._end(job_id, synthetic_end("failed", error=f"the job could not start: {exc}"))
+            try:
+                await self._start_jobs()
+            except StorageUnavailable as exc:  # nothing starts until the store takes writes again
+                print(f"aiaas-lab serve: storage unavailable, scheduling paused: {exc.detail}", file=sys.stderr)
+                await self.store.until_available()
+                print("aiaas-lab serve: storage available again, scheduling resumed", file=sys.stderr)
+                self._wake.set()
+
+    async def _start_jobs(self) -> None:
+        while len(self._running) < self.max_jobs and not self._stopping:
+            job_id = self._next_job()
+            if job_id is None:
+                break
+            try:
+                await self._start_job(job_id)
+            except StorageUnavailable:
+                raise  # the job is unchanged (or running without a process): it starts again later
+            except Exception as exc:  # a job that cannot even start fails alone
+                print(f"aiaas-lab serve: job {job_id} could not start: {exc!r}", file=sys.stderr)
+                self._running.pop(job_id, None)
+                reason = self._public(job_id, f"the job could not start: {exc}")
+                await self._end(job_id, synthetic_end("failed", error=reason))
 
     async def _start_job(self, job_id: str) -> None:
         job = await self.store.write(claim, job_id, time.time())
@@ -150,7 +177,7 @@ class Executor:
         running.task = asyncio.create_task(self._follow(job_id, running))
         row = self.store.one("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,))
         if row is not None and row["cancel_requested"]:  # cancelled while it was being launched
-            process.send_signal(signal.SIGUSR1)
+            self._signal_cancel(job_id, running)
 
     def _worker_spec(self, job: dict[str, Any]) -> dict[str, Any]:
         """What the worker needs, with every upload hard-linked into the job's own folder so the
@@ -188,7 +215,8 @@ class Executor:
             val = {"tensors": local(val["tensors"], "val.safetensors")}
         spec = {"job_id": job["id"], "dir": str(directory), "model": model, "data": data, "val": val,
                 "hyperparameters": orjson.loads(job["hyperparameters"]), "threads": self.threads_per_job,
-                "allow_code": self.allow_code, "attempt": job["attempts"]}
+                "allow_code": self.allow_code, "attempt": job["attempts"],
+                "preprocessing": request.get("preprocessing")}
         # Also on disk, for a launcher that takes a file (torchrun ... JOB.json) and for debugging.
         (directory / "job.json").write_bytes(orjson.dumps(spec, option=orjson.OPT_INDENT_2))
         return spec
@@ -196,12 +224,17 @@ class Executor:
     # ------------------------------------------------------------ worker processes
 
     async def _spawn(self) -> asyncio.subprocess.Process:
-        # The warm worker is started from the event loop's (main) thread: PR_SET_PDEATHSIG is
-        # tied to the thread that forked, and this one lives as long as the server.
-        return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "aiaas_lab.server._runner", str(os.getpid()),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            start_new_session=True)  # a Ctrl-C in the server's terminal must not reach the workers
+        # From the event loop's (main) thread: PR_SET_PDEATHSIG is tied to the thread that
+        # forked, and this one lives as long as the server. Its own process group: a Ctrl-C in
+        # the server's terminal never reaches it, and stopping it stops what it started (torchrun).
+        return await _procs.spawn([sys.executable, "-m", "aiaas_lab.server._runner", str(os.getpid())],
+                                  stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+
+    def _ensure_spare(self) -> None:
+        """One refill at a time: two launches in a row must not each start a spare (the first
+        would be overwritten, an idle runner nobody stops)."""
+        if self._spare_task is None or self._spare_task.done():
+            self._spare_task = asyncio.create_task(self._refill_spare())
 
     async def _refill_spare(self) -> None:
         if self._spare is None and not self._stopping and self.max_jobs > 0:
@@ -215,6 +248,8 @@ class Executor:
             if process is None or process.returncode is not None:
                 process = await self._spawn()
             assert process.stdin is not None
+            # The cap holds for the runner and whatever it starts from now on (torchrun, ranks).
+            _procs.limit_memory(process.pid, self.job_memory_mb)
             try:
                 process.stdin.write(orjson.dumps(spec) + b"\n")
                 await process.stdin.drain()
@@ -222,7 +257,7 @@ class Executor:
                 break
             except (BrokenPipeError, ConnectionResetError):
                 continue
-        self._spare_task = asyncio.create_task(self._refill_spare())
+        self._ensure_spare()
         return process
 
     async def _follow(self, job_id: str, running: _Running) -> None:
@@ -231,16 +266,29 @@ class Executor:
         except Exception as exc:  # the job must end even when its output cannot be read or stored
             if self._stopping:
                 return
-            with contextlib.suppress(ProcessLookupError):
-                running.process.kill()
+            await _procs.astop(running.process, 0)
             print(f"aiaas-lab serve: job {job_id}: {exc!r}", file=sys.stderr)
             with contextlib.suppress(Exception):
                 await self._end(job_id, synthetic_end("failed", error=f"the server lost track of the training "
-                                                                       f"process ({type(exc).__name__}: {exc})"))
+                                                                       f"process ({type(exc).__name__})"))
         finally:
+            if running.killer is not None:
+                running.killer.cancel()
             if self._running.get(job_id) is running:
                 del self._running[job_id]
             self._wake.set()
+
+    async def _write(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """A write for a running job: while the store refuses, wait and retry, so the job pauses
+        (its worker blocks writing to the pipe) instead of being lost or failed."""
+        while True:
+            try:
+                return await self.store.write(fn, *args)
+            except StorageUnavailable as exc:
+                if self._stopping:
+                    raise
+                print(f"aiaas-lab serve: storage unavailable, a job's events wait: {exc.detail}", file=sys.stderr)
+                await self.store.until_available()
 
     async def _read_worker(self, job_id: str, running: _Running) -> None:
         process = running.process
@@ -261,7 +309,9 @@ class Executor:
                 try:
                     message = orjson.loads(line)
                     if "event" in message:
-                        event = event_from_dict(message["event"]).to_dict()  # only well-formed engine events
+                        # Only well-formed engine events, stored in the codec's wire form (a NaN loss
+                        # stays NaN through SQLite, SSE and the client).
+                        event = to_wire(event_from_dict(message["event"]).to_dict())
                         if event["type"] == "run_ended":
                             ended = event
                             break
@@ -273,18 +323,19 @@ class Executor:
                 except (ValueError, TypeError, KeyError, AttributeError) as exc:
                     print(f"aiaas-lab serve: job {job_id}: ignored a malformed worker message ({exc})", file=sys.stderr)
             if events:
-                if await self.store.write(insert_events, job_id, events) is None:
-                    process.kill()  # the job already ended (cancelled while it started)
+                if await self._write(insert_events, job_id, events) is None:
+                    await _procs.astop(process, 0)  # the job already ended (cancelled while it started)
                     break
                 self.signals.fire(job_id)
             if ended is not None:
                 running.ended = True
+                if ended["status"] == "failed":
+                    ended = {**ended, "error": self._failure(job_id, str(ended.get("error") or ""))}
                 await self._end(job_id, ended, running.model)
         try:
             code = await asyncio.wait_for(process.wait(), 30 if running.ended else None)
         except asyncio.TimeoutError:  # finished, but something in it keeps the process alive
-            process.kill()
-            code = await process.wait()
+            code = await _procs.astop(process, 0)
         if not running.ended and not self._stopping:
             await self._end(job_id, self._unfinished(job_id, running, code))
 
@@ -293,12 +344,33 @@ class Executor:
         if row is not None and row["cancel_requested"]:
             return synthetic_end("stopped", "cancelled")
         if running.error is not None:
-            return synthetic_end("failed", error=running.error)
-        return synthetic_end("failed", error=f"the training process exited unexpectedly ({_describe_exit(code)})"
-                                               + _log_tail(self.jobs_dir / job_id / "worker.log"))
+            return synthetic_end("failed", error=self._failure(job_id, running.error))
+        return synthetic_end("failed", error=self._failure(
+            job_id, f"the training process exited unexpectedly ({_describe_exit(code)})"))
+
+    def _failure(self, job_id: str, error: str) -> str:
+        """The tenant's one line about a failed job; the server's log gets the whole text and
+        the tail of the job's log, which can hold server paths and other tenants' nothing."""
+        log = self.jobs_dir / job_id / "worker.log"
+        tail = _log_tail(log)
+        print(f"aiaas-lab serve: job {job_id} failed: {error}" + (f"\n  the end of {log}:\n{tail}" if tail else ""),
+              file=sys.stderr)
+        if self.job_memory_mb and any(sign in f"{error}\n{tail}".lower() for sign in _MEMORY_SIGNS):
+            return (f"the job ran out of memory: it needed more than the server's limit of {self.job_memory_mb} MB "
+                    "per process (--job-memory-mb); use a smaller model, batch size or data set")
+        return self._public(job_id, error)
+
+    def _public(self, job_id: str, text: str) -> str:
+        """`text` as one line without the server's paths (a job's own files keep their names)."""
+        for path, shown in ((f"{self.jobs_dir / job_id}{os.sep}", ""), (str(self.jobs_dir / job_id), "."),
+                            (str(self.jobs_dir.parent), "<data-dir>"), (sys.prefix, "<python>"),
+                            (sys.base_prefix, "<python>"), (str(Path(__file__).parents[2]), "<server>")):
+            text = text.replace(path, shown)
+        line = " ".join(text.split())
+        return line if len(line) <= 500 else line[:497] + "..."
 
     async def _end(self, job_id: str, event: dict[str, Any], model: dict[str, Any] | None = None) -> None:
-        registered = await self.store.write(finish, job_id, event, model, time.time())
+        registered = await self._write(finish, job_id, event, model, time.time())
         if registered is not None:
             self.on_model(*registered)
         self.signals.fire(job_id)
@@ -317,20 +389,36 @@ class Executor:
             reason = "cancelled before it started" if status == "queued" else "cancelled"
             await self._end(job_id, synthetic_end("stopped", reason))
             return
+        self._signal_cancel(job_id, running)
+
+    def _signal_cancel(self, job_id: str, running: _Running) -> None:
         with contextlib.suppress(ProcessLookupError):
             running.process.send_signal(signal.SIGUSR1)
+        if running.killer is None:
+            running.killer = asyncio.create_task(self._kill_after_grace(job_id, running))
+
+    async def _kill_after_grace(self, job_id: str, running: _Running) -> None:
+        """The engine stops at its next step; a job that never reaches one (a forward that
+        hangs, a rank stuck in a collective) is killed, group and all, and ends cancelled."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(running.process.wait()), CANCEL_GRACE_S)
+            return
+        print(f"aiaas-lab serve: job {job_id} ignored its cancel for {CANCEL_GRACE_S:.0f} s; killing it",
+              file=sys.stderr)
+        await _procs.astop(running.process, STOP_GRACE_S)
 
 
 def _describe_exit(code: int) -> str:
     if code < 0:
         with contextlib.suppress(ValueError):
-            return f"killed by {signal.Signals(-code).name}"
+            cause = " (out of memory, or killed by another process)" if -code == signal.SIGKILL else ""
+            return f"killed by {signal.Signals(-code).name}{cause}"
     return f"exit code {code}"
 
 
-def _log_tail(path: Path, limit: int = 600) -> str:
+def _log_tail(path: Path, limit: int = 2000) -> str:
+    """The end of a job's log, for the server's own log (never for the tenant)."""
     try:
-        text = path.read_bytes()[-limit:].decode(errors="replace").strip()
+        return path.read_bytes()[-limit:].decode(errors="replace").strip()
     except OSError:
         return ""
-    return f"; its last output: {text}" if text else ""
