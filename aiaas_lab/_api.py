@@ -73,7 +73,7 @@ def train(
         h = msgspec.structs.replace(h, seed=random.SystemRandom().randrange(2**31 - 1))
     job = Job(model=model, data=data, hyperparameters=h, val=val, target=target, name=name)
     stop = stop or StopSignal()
-    from .notebook.progress import make_reporter
+    from .notebook.reporters import make_reporter
 
     # The reporter is made here, on the caller's thread, so its view is displayed in the cell
     # that started the run even when the run continues in the background.
@@ -183,7 +183,7 @@ def attach(job_id: str, *, backend: str, token: str | None = None, model: Any = 
     and return its TrainResult (after a kernel restart, say). The trained weights are loaded
     into `model` when given, else into a built-in model rebuilt from its spec."""
     from .launch.remote import follow_job
-    from .notebook.progress import make_reporter
+    from .notebook.reporters import make_reporter
 
     stop = stop or StopSignal()
     subscribers = [s for s in [make_reporter(progress, stop), *callbacks] if s is not None]

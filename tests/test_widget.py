@@ -238,7 +238,7 @@ def test_a_diverged_loss_never_breaks_the_message():
 
 def test_widget_outside_a_kernel_falls_back_to_text():
     from aiaas_lab import TextProgress
-    from aiaas_lab.notebook.progress import make_reporter
+    from aiaas_lab.notebook.reporters import make_reporter
 
     assert isinstance(make_reporter("widget"), TextProgress)
     assert isinstance(make_reporter("html"), TextProgress)

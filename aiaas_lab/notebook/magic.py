@@ -192,7 +192,7 @@ class AiaasMagics(Magics):
         out = predict(model, data, batch_size=opts.batch_size, classes=opts.classes, backend=backend)
         self._store(opts.output, out)
         if not opts.no_widget and self.display != "text":
-            from .progress import show_predictions
+            from .reporters import show_predictions
 
             show_predictions(data, out, classes=opts.classes, mode=self.display)
         return out

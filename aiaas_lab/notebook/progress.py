@@ -1,7 +1,6 @@
 """Progress reporters: subscribers that turn engine events into something a person watches.
 
-`make_reporter` picks one for the current front-end; the widget lives in `_widget` and is only
-imported when a widget front-end is there to show it.
+`reporters.make_reporter` picks one for the current front-end: this text one, or the widget.
 """
 
 from __future__ import annotations
@@ -14,9 +13,7 @@ from typing import IO, Any
 from .._format import format_duration, format_metric, format_rate, history_table
 from ..engine.events import EpochEnd, Event, RunEnded, RunStarted, StepEnd
 
-__all__ = ["TextProgress", "make_reporter", "format_duration", "format_rate", "history_table", "PROGRESS_MODES"]
-
-PROGRESS_MODES = ("auto", "widget", "html", "text")
+__all__ = ["TextProgress", "in_widget_frontend", "format_duration", "format_rate", "history_table"]
 
 
 class TextProgress:
@@ -102,7 +99,7 @@ class TextProgress:
         self.stream.flush()
 
 
-def _in_widget_frontend() -> bool:
+def in_widget_frontend() -> bool:
     """True inside a Jupyter kernel (JupyterLab, Notebook 7, VS Code, Colab), where widgets render."""
     # Only a process that has imported IPython can be a kernel: a plain script never pays for
     # importing it here.
@@ -113,36 +110,4 @@ def _in_widget_frontend() -> bool:
     return shell is not None and getattr(shell, "kernel", None) is not None
 
 
-def make_reporter(progress: Any, stop: Any = None) -> Callable[[Event], None] | None:
-    """A subscriber for `progress`: "auto", "widget", "html", "text", False, or a callable.
-
-    `stop` is the run's StopSignal, for reporters that offer a Stop button."""
-    if progress is False or progress is None:
-        return None
-    if callable(progress):
-        return progress
-    if progress == "auto":
-        progress = "widget" if _in_widget_frontend() else "text"
-    if progress in ("widget", "html"):
-        try:
-            from .widget import make_widget_reporter
-        except ImportError:  # the widget front-end is optional; text always works
-            return TextProgress()
-        return make_widget_reporter(mode=progress, stop=stop)
-    if progress == "text":
-        return TextProgress()
-    from .._errors import BadArgument
-
-    raise BadArgument("progress", f"one of {', '.join(PROGRESS_MODES)} or False", repr(progress))
-
-
-def show_predictions(data: Any, outputs: Any, *, classes: bool, mode: str = "auto") -> None:
-    """A compact view of predictions in a widget front-end; nothing elsewhere (the tensor itself
-    is the cell's result)."""
-    if mode == "text" or (mode == "auto" and not _in_widget_frontend()):
-        return
-    try:
-        from .widget import show_predictions as show
-    except ImportError:
-        return
-    show(data, outputs, classes=classes, mode=mode)
+_in_widget_frontend = in_widget_frontend  # the name the widget module imports

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..engine.events import CheckpointSaved, EpochEnd, Event, RunEnded, RunStarted, StepEnd
-from .progress import format_duration, format_rate, history_table
+from .._format import format_duration, format_rate, history_table
 from .snapshot import snapshot_html
 
 __all__ = ["LOSS_POINTS", "HISTORY_ROWS", "METRIC_COLUMNS"]

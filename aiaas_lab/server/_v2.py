@@ -1,16 +1,22 @@
 """The Open Inference Protocol (KServe V2) REST endpoints, with Triton's binary tensor extension.
 
 The infer handler is the hot path: orjson, one model lookup in memory, the training normalizer
-and the forward pass under inference mode. Small batches run on the event loop itself (a thread
-hop costs more than their forward pass); large ones go to a worker thread.
+and the forward pass under inference mode. Forward passes run in `InferencePool`, a fixed number
+of threads behind a bounded queue (503 with Retry-After when it is full), so a slow model never
+holds up the event loop (health probes, job events, other tenants). The one exception is a
+forward pass measured below `_INLINE_SECONDS` for the same model and input shape: a thread hop
+costs more than it, so it runs on the loop, and is timed again every time it does.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
-from typing import Any
+import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
 
-import anyio
 import numpy as np
 import orjson
 import torch
@@ -18,13 +24,52 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .. import __version__
-from ._http import ApiError, json_response, whole_number
+from .._version import __version__
+from .._errors import AiaasError
+from ._http import ApiError, brief, json_response, parse_json, whole_number
 from ._registry import Registry, Served, tensor_metadata
 
-__all__ = ["v2_routes"]
+__all__ = ["v2_routes", "InferencePool"]
 
-_INLINE_ELEMENTS = 65_536  # inputs up to this many floats run on the event loop
+_INLINE_ELEMENTS = 65_536  # larger inputs always go to the pool
+_INLINE_SECONDS = 0.0005  # a forward pass measured faster than this may run on the event loop
+_INLINE_BODY = 1 << 18  # larger bodies are parsed, run and encoded in the pool: parsing takes ms
+_T = TypeVar("_T")
+
+
+class InferencePool:
+    """`threads` threads for forward passes; at most `queue` more requests wait for one."""
+
+    def __init__(self, threads: int, queue: int) -> None:
+        self.threads, self.queue = threads, queue
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="aiaas-infer")
+        self._admitted = 0  # running or waiting; only touched on the event loop
+        # Last measured forward time per model and input shape; entries go with their module.
+        self._seconds: weakref.WeakKeyDictionary[Any, dict[tuple[int, ...], float]] = weakref.WeakKeyDictionary()
+
+    def fast(self, module: Any, shape: tuple[int, ...]) -> bool:
+        seconds = self._seconds.get(module)
+        return seconds is not None and seconds.get(shape, 1.0) < _INLINE_SECONDS
+
+    def record(self, module: Any, shape: tuple[int, ...], seconds: float) -> None:
+        entry = self._seconds.setdefault(module, {})
+        if len(entry) >= 64 and shape not in entry:  # a bounded memory of shapes per model
+            entry.clear()
+        entry[shape] = seconds
+
+    async def run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        if self._admitted >= self.threads + self.queue:
+            raise ApiError(503, f"the server is busy: {self._admitted} inference requests are running or "
+                                "waiting (aiaas-lab serve --infer-threads, --infer-queue); retry shortly.",
+                           {"Retry-After": "1"})
+        self._admitted += 1
+        try:
+            return await asyncio.wrap_future(self._executor.submit(fn, *args))
+        finally:
+            self._admitted -= 1
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _registry(request: Request) -> Registry:
@@ -71,10 +116,7 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
             raise ApiError(400, f"Inference-Header-Content-Length: expected the length of the JSON header "
                                 f"(at most {len(body)}), but found {header_length[:20]!r}.")
         json_part, binary = body[:length], body[length:]
-    try:
-        return orjson.loads(json_part), binary
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, f"the inference request is not valid JSON ({exc}).") from None
+    return parse_json(json_part, "the inference request"), binary
 
 
 def _input_tensor(request: Any, binary: bytes, served: Served) -> torch.Tensor:
@@ -83,16 +125,16 @@ def _input_tensor(request: Any, binary: bytes, served: Served) -> torch.Tensor:
     spec = request["inputs"][0]
     if not isinstance(spec, dict) or spec.get("name") != "input":
         found = spec.get("name") if isinstance(spec, dict) else spec
-        raise ApiError(400, f"inputs[0].name: expected 'input', but found {str(found)[:40]!r}.")
+        raise ApiError(400, f"inputs[0].name: expected 'input', but found {brief(found)}.")
     if spec.get("datatype") != "FP32":
-        raise ApiError(400, f"inputs[0].datatype: expected FP32, but found {str(spec.get('datatype'))[:20]!r}.")
+        raise ApiError(400, f"inputs[0].datatype: expected FP32, but found {brief(spec.get('datatype'))}.")
     shape = spec.get("shape")
     expected = [-1, *served.input_shape]
     if (not isinstance(shape, list) or len(shape) != len(expected)
             or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
             or shape[0] < 1 or list(shape[1:]) != expected[1:]):
         raise ApiError(400, f"inputs[0].shape: expected {expected} (rows, then one sample's shape) for model "
-                            f"{served.name!r}, but found {str(shape)[:60]}.")
+                            f"{served.name!r}, but found {brief(shape)}.")
     count = math.prod(shape)
     parameters = spec.get("parameters") or {}
     size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
@@ -100,7 +142,7 @@ def _input_tensor(request: Any, binary: bytes, served: Served) -> torch.Tensor:
         if not isinstance(size, int) or size != count * 4 or size > len(binary):
             raise ApiError(400, f"inputs[0].parameters.binary_data_size: expected {count * 4} bytes for shape "
                                 f"{shape} in FP32, with that many bytes after the JSON header, but found "
-                                f"{size!r} and {len(binary)} bytes.")
+                                f"{brief(size)} and {len(binary)} bytes.")
         array = np.frombuffer(binary, dtype="<f4", count=count).copy()
         return torch.from_numpy(array).reshape(shape)
     data = spec.get("data")
@@ -126,37 +168,42 @@ def _wants_binary(request: dict[str, Any]) -> bool:
     binary = default
     for output in outputs:
         if output.get("name") != "output":
-            raise ApiError(400, f"outputs: expected the output named 'output', but found {str(output.get('name'))[:40]!r}.")
+            raise ApiError(400, f"outputs: expected the output named 'output', but found {brief(output.get('name'))}.")
         params = output.get("parameters")
         if isinstance(params, dict) and "binary_data" in params:
             binary = bool(params["binary_data"])
     return binary
 
 
-def _forward(served: Served, x: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        if served.scale is not None:
-            x = torch.addcmul(served.shift, x.reshape(x.shape[0], -1), served.scale).reshape(x.shape)
-        out = served.module(x)
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    return out.to(torch.float32).reshape(x.shape[0], -1)
-
-
-async def infer(request: Request) -> Response:
-    served = await _registry(request).get(request.state.tenant, request.path_params["name"],
-                                          request.path_params.get("version"))
-    body = await request.body()
-    parsed, binary = _split_body(body, request.headers.get("inference-header-content-length"))
-    x = _input_tensor(parsed, binary, served)
-    binary_out = _wants_binary(parsed)
+def _forward(served: Served, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The output rows and the seconds the forward pass took; a model's failure is a 400."""
+    start = time.perf_counter()
     try:
-        if x.numel() <= _INLINE_ELEMENTS:
-            out = _forward(served, x)
-        else:
-            out = await anyio.to_thread.run_sync(_forward, served, x)
+        with torch.inference_mode():
+            if served.scale is not None:
+                x = torch.addcmul(served.shift, x.reshape(x.shape[0], -1), served.scale).reshape(x.shape)
+            out = served.module(x)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        out = out.to(torch.float32).reshape(x.shape[0], -1)
+    except AiaasError as exc:  # an exported graph over this server's bounds says so itself
+        raise ApiError(400, str(exc)) from None
     except Exception as exc:  # a model that fails on valid input is the client's model's fault
-        raise ApiError(400, f"the model raised {type(exc).__name__} on input of shape {list(x.shape)}: {exc}") from None
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        raise ApiError(400, f"the model raised {type(exc).__name__} on input of shape {list(x.shape)}"
+                            f"{': ' + first if first else ''}.") from None
+    return out, time.perf_counter() - start
+
+
+def _parse(served: Served, body: bytes, header_length: str | None) -> tuple[dict[str, Any], torch.Tensor, bool]:
+    parsed, binary = _split_body(body, header_length)
+    x = _input_tensor(parsed, binary, served)
+    if "id" in parsed and not (isinstance(parsed["id"], str) and len(parsed["id"]) <= 256):
+        raise ApiError(400, f"id: expected a string of at most 256 characters, but found {brief(parsed['id'])}.")
+    return parsed, x, _wants_binary(parsed)
+
+
+def _respond(served: Served, parsed: dict[str, Any], out: torch.Tensor, binary_out: bool) -> Response:
     output: dict[str, Any] = {"name": "output", "datatype": "FP32", "shape": list(out.shape)}
     response: dict[str, Any] = {"model_name": served.name, "model_version": str(served.version), "outputs": [output]}
     if "id" in parsed:
@@ -169,6 +216,31 @@ async def infer(request: Request) -> Response:
     header = orjson.dumps(response)
     return Response(header + raw, media_type="application/octet-stream",
                     headers={"Inference-Header-Content-Length": str(len(header))})
+
+
+def _infer_all(served: Served, body: bytes, header_length: str | None) -> Response:
+    """A large request from parsing to the encoded response, all in a pool thread."""
+    parsed, x, binary_out = _parse(served, body, header_length)
+    out, _ = _forward(served, x)
+    return _respond(served, parsed, out, binary_out)
+
+
+async def infer(request: Request) -> Response:
+    served = await _registry(request).get(request.state.tenant, request.path_params["name"],
+                                          request.path_params.get("version"))
+    body = await request.body()
+    header_length = request.headers.get("inference-header-content-length")
+    pool: InferencePool = request.app.state.infer_pool
+    if len(body) > _INLINE_BODY:
+        return await pool.run(_infer_all, served, body, header_length)
+    parsed, x, binary_out = _parse(served, body, header_length)
+    shape = tuple(x.shape)
+    if x.numel() <= _INLINE_ELEMENTS and pool.fast(served.module, shape):
+        out, seconds = _forward(served, x)
+    else:
+        out, seconds = await pool.run(_forward, served, x)
+    pool.record(served.module, shape, seconds)
+    return _respond(served, parsed, out, binary_out)
 
 
 def v2_routes() -> list[Route]:
