@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import math
-import operator
 from typing import Any
 
 import torch
 from torch import fx, nn
 
 from .._errors import AiaasError, BadArgument, describe
+from .export_limits import MAX_JSON_DEPTH, check_constant_sizes, check_forward, guarded_python_op, nested_deeper_than
 
 __all__ = ["export_module", "load_exported", "check_graph", "load_pickled", "FORMAT"]
 
@@ -64,9 +64,10 @@ _ATEN = frozenset("""
     _assert_scalar _assert_tensor_metadata sym_constrain_range_for_size
 """.split())
 
-# Python operators on sizes (a graph computes `x.shape[0] * 8` this way), stored as "_operator.X".
+# Python operators on sizes (a graph computes `x.shape[0] * 8` this way), stored as "_operator.X";
+# rebuilt as bounded versions (export_limits), since `n * n` squared often enough is a memory bomb.
 _PYTHON_OPS: dict[str, Any] = {
-    name: getattr(operator, name)
+    name: guarded_python_op(name)
     for name in "getitem add sub mul floordiv truediv mod neg eq ne lt le gt ge".split()
 }
 
@@ -206,6 +207,11 @@ def check_graph(graph_json: bytes) -> dict[str, Any]:
         document = json.loads(graph_json)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadArgument("model.export.graph", "the JSON written by export_module", f"invalid JSON ({exc})") from None
+    except RecursionError:
+        document = None  # nested deeper than the parser goes: refused just below
+    if document is None or nested_deeper_than(document, MAX_JSON_DEPTH):
+        raise BadArgument("model.export.graph", f"JSON nested at most {MAX_JSON_DEPTH} levels deep",
+                          "deeper nesting")
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise BadArgument("model.export.graph", f"a document with \"format\": \"{FORMAT}\"",
                           describe(document) if not isinstance(document, dict)
@@ -239,6 +245,7 @@ def _check_one(graph: Any, where: str) -> None:
         if not isinstance(node, dict) or not isinstance(node.get("name"), str):
             raise BadArgument(where, "nodes with a name", repr(node)[:120])
         _resolve_target(node.get("target"), where)
+        check_constant_sizes(node, node["target"].split(".")[1] if node["target"].startswith("aten.") else "")
         _check_value(node.get("args", []), names, where)
         _check_value(node.get("kwargs", {}), names, where)
         if node["name"] in names:
@@ -336,6 +343,7 @@ class ExportedModule(nn.Module):
     def __init__(self, graphs: dict[str, dict[str, Any]], tensors: dict[str, torch.Tensor]) -> None:
         super().__init__()
         self._graphs: dict[str, tuple[fx.GraphModule, list[str | None], list[dict[str, Any]]]] = {}
+        self._within_bounds: set[tuple[Any, ...]] = set()  # (mode, shape, dtype) checked by check_forward
         for mode, graph in graphs.items():
             gm, outputs = _build_graph(graph)
             targets: list[str | None] = []
@@ -367,8 +375,15 @@ class ExportedModule(nn.Module):
             owner.register_buffer(leaf, tensor.clone(), persistent=kind == "buffer")
 
     def forward(self, x: torch.Tensor) -> Any:
-        gm, targets, outputs = self._graphs["train" if self.training else "eval"]
+        mode = "train" if self.training else "eval"
+        gm, targets, outputs = self._graphs[mode]
         args = [x if t is None else _lookup(self, t) for t in targets]
+        key = (mode, tuple(x.shape), x.dtype)
+        if key not in self._within_bounds:  # sizes follow from the input's shape: checked once per shape
+            check_forward(gm, args, tuple(x.shape))
+            if len(self._within_bounds) >= 256:
+                self._within_bounds.clear()
+            self._within_bounds.add(key)
         results = gm(*args)
         user = []
         for spec, value in zip(outputs, results, strict=True):

@@ -20,11 +20,11 @@ from ._auth import AuthMiddleware
 from ._blobs import Blobs
 from ._executor import DEFAULT_JOB_MEMORY_MB, Executor, JobSignals
 from ._http import ApiError, error_response
-from ._limits import BodyLimitMiddleware
+from ._limits import BodyLimitMiddleware, BodyTimeoutMiddleware
 from ._registry import Registry
 from ._routes import v1_routes
 from ._store import Store
-from ._v2 import v2_routes
+from ._v2 import InferencePool, v2_routes
 
 __all__ = ["ServerConfig", "create_app"]
 
@@ -39,6 +39,12 @@ class ServerConfig:
     threads_per_job: int = 0  # 0: the cores but one (the server's) shared out among max_jobs
     keepalive_s: float = 15.0
     job_memory_mb: int = DEFAULT_JOB_MEMORY_MB  # each process of a job may allocate this much; 0: no limit
+    infer_threads: int = 0  # forward passes at once; 0: the cores, at most 8
+    infer_queue: int = 64  # inference requests that may wait for a thread; more get 503
+    body_timeout_s: float = 30.0  # a request body that pauses longer gets 408
+
+    def inference_threads(self) -> int:
+        return self.infer_threads or max(1, min(8, os.cpu_count() or 1))
 
     def threads(self) -> int:
         # Oversubscribed torch threads spin against each other: on 2 busy cores, 2 threads per
@@ -100,10 +106,12 @@ def create_app(config: ServerConfig) -> Starlette:
                                   threads_per_job=config.threads(), allow_code=config.allow_code,
                                   job_memory_mb=config.job_memory_mb or None,
                                   on_model=state.registry.invalidate)
+        state.infer_pool = InferencePool(config.inference_threads(), config.infer_queue)
         await state.executor.start()
         try:
             yield
         finally:
+            state.infer_pool.close()
             await state.executor.stop()
             state.store.close()
             state.lock.close()
@@ -111,7 +119,8 @@ def create_app(config: ServerConfig) -> Starlette:
     app = Starlette(
         routes=v2_routes() + v1_routes(),  # routes match in order: inference, the hot path, first
         middleware=[Middleware(AuthMiddleware, tokens=config.tokens),
-                    Middleware(BodyLimitMiddleware, max_bytes=int(config.max_upload_mb * 2**20))],
+                    Middleware(BodyLimitMiddleware, max_bytes=int(config.max_upload_mb * 2**20)),
+                    Middleware(BodyTimeoutMiddleware, seconds=config.body_timeout_s)],
         exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _unexpected},
         lifespan=lifespan,
     )

@@ -28,6 +28,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--job-memory-mb", type=int, default=None, metavar="N",
                         help="memory each process of a training job may allocate, in MB (default 4096; 0: no "
                              "limit); a job that needs more fails with a reason that says so")
+    parser.add_argument("--max-header-kb", type=int, default=64, metavar="N",
+                        help="largest request line and headers in KiB (default 64); larger ones get 431")
+    parser.add_argument("--body-timeout-s", type=float, default=30, metavar="S",
+                        help="seconds a request's headers or body may stop arriving (default 30); then 408")
+    parser.add_argument("--infer-threads", type=int, default=0, metavar="N",
+                        help="inference forward passes run at once (default: the cores, at most 8)")
+    parser.add_argument("--infer-queue", type=int, default=64, metavar="N",
+                        help="inference requests that may wait for a thread (default 64); more get 503")
     parser.add_argument("--allow-code", action="store_true",
                         help="accept models sent as code (cloudpickle): clients can then run any code on this machine")
     parser.add_argument("--insecure", action="store_true", help="serve without any token (trusted machines only)")
@@ -76,6 +84,11 @@ def serve_main(argv: list[str]) -> int:
     if opts.job_memory_mb is not None and opts.job_memory_mb != 0 and not 1024 <= opts.job_memory_mb <= 2**40:
         parser.error(f"--job-memory-mb: expected 0 (no limit) or a whole number of MB >= 1024 (a job's runner "
                      f"holds ~450 MB with torch imported before it loads any data), but found {opts.job_memory_mb}")
+    for name, low in (("max_header_kb", 1), ("infer_threads", 0), ("infer_queue", 0)):
+        if getattr(opts, name) < low:
+            parser.error(f"--{name.replace('_', '-')}: expected a whole number >= {low}, but found {getattr(opts, name)}")
+    if not 0 < opts.body_timeout_s < 10**6:
+        parser.error(f"--body-timeout-s: expected a number of seconds > 0, but found {opts.body_timeout_s}")
 
     import torch
     import uvicorn
@@ -92,7 +105,9 @@ def serve_main(argv: list[str]) -> int:
     port = sock.getsockname()[1]
     memory = {} if opts.job_memory_mb is None else {"job_memory_mb": opts.job_memory_mb}
     config = ServerConfig(data_dir=opts.data_dir.resolve(), tokens=tokens, max_jobs=opts.max_jobs, **memory,
-                          max_upload_mb=opts.max_upload_mb, allow_code=opts.allow_code)
+                          max_upload_mb=opts.max_upload_mb, allow_code=opts.allow_code,
+                          infer_threads=opts.infer_threads, infer_queue=opts.infer_queue,
+                          body_timeout_s=opts.body_timeout_s)
     try:
         app = create_app(config)
     except (OSError, AiaasError) as exc:
@@ -107,8 +122,12 @@ def serve_main(argv: list[str]) -> int:
     print(f"aiaas-lab serve: listening on http://{host}:{port} (data in {config.data_dir}; {auth}"
           f"{'; --allow-code' if opts.allow_code else ''})", flush=True)
     # httptools (a dependency) parses HTTP ~30% faster than h11 on the infer path; uvloop added
-    # nothing measurable there, so the standard loop it is.
+    # nothing measurable there, so the standard loop it is. Its protocol gets the head bounds
+    # uvicorn lacks (see _limits).
+    from ._limits import bounded_httptools
+
+    http = bounded_httptools(opts.max_header_kb * 1024, opts.body_timeout_s)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                                           loop="asyncio", http="auto", timeout_graceful_shutdown=3))
+                                           loop="asyncio", http=http, timeout_graceful_shutdown=3))
     server.run(sockets=[sock])
     return 0

@@ -1,13 +1,26 @@
-"""Request size limits as ASGI middleware: 413 before the body is read when Content-Length is
-too large, and as soon as a streamed body (no Content-Length) passes the limit."""
+"""Bounds on what one request may cost the server.
+
+- Body size (ASGI middleware): 413 before the body is read when Content-Length is too large, and
+  as soon as a streamed body (no Content-Length) passes the limit.
+- Body time (ASGI middleware): a body that pauses longer than the timeout gets 408, so a client
+  that announces 1,000 bytes and sends 10 does not hold a request (and its memory) forever.
+- Header size and time (the HTTP protocol itself, `bounded_httptools`): uvicorn with httptools
+  buffers a request's head without any limit before the app sees it (a 64 MB header was
+  accepted), and waits for it forever; its only bound (h11_max_incomplete_event_size) is h11's.
+  So the head gets 431 past the size limit and 408 past the timeout, then the connection closes.
+"""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
+import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._http import error_response
 
-__all__ = ["BodyLimitMiddleware"]
+__all__ = ["BodyLimitMiddleware", "BodyTimeoutMiddleware", "bounded_httptools"]
 
 
 class _TooLarge(Exception):
@@ -58,3 +71,132 @@ class BodyLimitMiddleware:
         except _TooLarge:
             if not started:
                 await error_response(413, self._message(), {"Connection": "close"})(scope, receive, send)
+
+
+class _BodyTimeout(Exception):
+    pass
+
+
+class BodyTimeoutMiddleware:
+    """Each wait for more of the request body is bounded by `seconds`; once the body is
+    complete, `receive` is left alone (an event stream waits on it for the disconnect)."""
+
+    def __init__(self, app: ASGIApp, seconds: float) -> None:
+        self.app = app
+        self.seconds = seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        complete = False
+        started = False
+
+        async def timed_receive() -> Message:
+            nonlocal complete
+            if complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.seconds)
+            except asyncio.TimeoutError:
+                raise _BodyTimeout from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, timed_receive, tracking_send)
+        except _BodyTimeout:
+            if not started:
+                message = (f"the request body stopped arriving: nothing came for {self.seconds:g} s "
+                           "(aiaas-lab serve --body-timeout-s)")
+                await error_response(408, message, {"Connection": "close"})(scope, receive, send)
+
+
+_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+
+
+def bounded_httptools(max_header_bytes: int, header_timeout_s: float) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol with a bound on each request head's size and time.
+
+    Counts what arrives while a head is incomplete (a head still streaming in), and the parsed
+    URL and headers once it is complete (a head that came in one read with its body)."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class BoundedHttpToolsProtocol(HttpToolsProtocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._in_head = True  # between requests counts as the next one's head
+            self._head_bytes = 0
+            self._head_timer: asyncio.TimerHandle | None = None
+            self._refusal: int | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()  # a connection that never sends a request is closed too
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(header_timeout_s, self._head_timed_out)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self._in_head and self._head_bytes and not self.transport.is_closing():
+                self._refuse(408, f"the request's headers did not arrive within {header_timeout_s:g} s")
+            elif self._in_head and not self.transport.is_closing() and self.cycle is None:
+                self.transport.close()  # connected, never sent anything
+
+        def _refuse(self, status: int, message: str) -> None:
+            body = orjson.dumps({"error": message})
+            self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                                 b"connection: close\r\n\r\n%s" % (status, _REASONS[status], len(body), body))
+            self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            if self._in_head:
+                self._head_bytes += len(data)
+            super().data_received(data)
+            if self._in_head and self._head_bytes and not self.transport.is_closing():
+                if self._head_bytes > max_header_bytes:
+                    self._refuse(431, self._too_large())
+                else:
+                    self._arm()
+
+        def _too_large(self) -> str:
+            return (f"the request's URL and headers are larger than this server's limit of "
+                    f"{max_header_bytes // 1024} KiB (aiaas-lab serve --max-header-kb)")
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            self._head_bytes = 0
+            self._disarm()
+            size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+            if size > max_header_bytes:
+                self._refusal = 431
+                raise ValueError("head too large")  # httptools stops parsing; send_400_response follows
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self._in_head = True
+            super().on_message_complete()
+
+        def send_400_response(self, msg: str) -> None:
+            if self._refusal == 431:
+                self._refuse(431, self._too_large())
+            else:
+                super().send_400_response(msg)
+
+    return BoundedHttpToolsProtocol
