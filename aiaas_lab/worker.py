@@ -299,7 +299,7 @@ def run_job(job: _Job) -> int:
     model.to(device)
     info = prepared.model_info()
     if job.preprocessing:  # the launcher's view of the raw inputs (it prepared the tensors sent here)
-        info.update({k: v for k, v in job.preprocessing.items() if k != "spec"})
+        info.update({k: v for k, v in job.preprocessing.items() if k in ("classes", "columns", "categories") and v})
 
     context: Rank | None = None
     if world > 1:

@@ -72,6 +72,7 @@ class RunHandle:
         self.events: list[Event] = []  # every event so far, in order
         self.result: Any = None  # the TrainResult, once the run has ended
         self.job_id: str | None = None  # set by the remote launcher
+        self.client: Any = None  # the remote launcher's client, while it follows the job
         self.where = ""  # "on URL" for a server job
 
     @property

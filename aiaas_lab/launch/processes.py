@@ -105,6 +105,12 @@ def _output_info(path: Path) -> dict[str, Any]:
         return json.loads((f.metadata() or {}).get("aiaas.model", "{}"))
 
 
+def _names(preprocessing: Preprocessing) -> dict[str, Any]:
+    """What only this side knows of the raw inputs: the workers see encoded tensors."""
+    return {"classes": preprocessing.classes, "columns": preprocessing.columns,
+            "categories": preprocessing.categories}
+
+
 def _check_options(device_name: str, workers: int) -> None:
     device = resolve_device(device_name)
     if device.type == "mps":
@@ -131,7 +137,7 @@ def write_worker_job(directory: Path, prepared: PreparedRun, job: Job, *, run_id
     if hyperparameters.get("checkpoint"):  # the worker reads paths relative to the job's directory
         hyperparameters["checkpoint"] = os.path.abspath(hyperparameters["checkpoint"])
     spec: dict[str, Any] = {"run_id": run_id, "data": {"tensors": "train.safetensors"},
-                            "hyperparameters": hyperparameters, "preprocessing": prepared.preprocessing.to_dict(),
+                            "hyperparameters": hyperparameters, "preprocessing": _names(prepared.preprocessing),
                             "events": {"file": "events.jsonl"}, "output": "model.safetensors", "stop_file": "STOP"}
     if isinstance(data.val, InMemory):
         save_file({"X": data.val.X.contiguous(), "y": data.val.y.contiguous()}, str(directory / "val.safetensors"))
@@ -289,7 +295,9 @@ def _follow_workers(procs: list[subprocess.Popen[bytes]], directory: Path, emit:
         with safe_open(str(output), framework="pt") as f:
             outcome.update(json.loads((f.metadata() or {})["aiaas.outcome"]))
         weights = load_file(str(output))
-    if failure:
+    if failure and not (output.exists() and outcome["status"] == "failed" and outcome["error"]):
+        # A worker that reported its own failure exits 1 by design: its reason stands. Anything
+        # else (a crash, a kill, a success with a dead peer) fails the run with the exits.
         outcome["status"], outcome["error"] = "failed", failure
     elif outcome["error"] is None and outcome["status"] == "failed":
         outcome["error"] = "the workers ended without a result"

@@ -244,7 +244,7 @@ class _Follower:
         self.client, self.job_id, self.run = client, job_id, run
         self._module, self._preprocessing = module, preprocessing
         self._cancelled = False
-        run.job_id, run.where = job_id, f"job {job_id} on {client.url}"
+        run.job_id, run.where, run.client = job_id, f"job {job_id} on {client.url}", client
 
     def follow(self) -> TrainResult:
         ended: RunEnded | None = None
