@@ -52,6 +52,7 @@ def train(
     workers: int = 1,
     shard: bool = False,
     background: bool = False,
+    log_every: int | None = None,
 ) -> Any:
     """Train `model` on `data` and return a `TrainResult` (a run handle with `background=True`).
 
@@ -60,13 +61,14 @@ def train(
     ("digits", "synthetic-mnist"). Defaults: `lr` 0.01 for sgd and 0.001 for adam/adamw;
     `momentum` 0.9 (sgd only); `weight_decay` 0, or 0.01 for adamw; `seed` drawn and recorded.
     `progress` is "auto", "widget", "html", "text", False or a callable receiving each event;
-    `callbacks` receive every event too. `result.hyperparameters` holds the values used.
+    `callbacks` receive every event too; `log_every` sets the optimizer steps per StepEnd event
+    (default: about 50 an epoch). `result.hyperparameters` holds the values used.
     """
     h = parse_hyperparameters(dict(
         epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum, loss=loss,
         weight_decay=weight_decay, grad_accum=grad_accum, clip=clip, patience=patience, seed=seed,
         device=device, normalize=normalize, workers=workers, shard=shard, threads=threads,
-        checkpoint=checkpoint, resume=resume))
+        checkpoint=checkpoint, resume=resume, log_every=log_every))
     if h.seed is None:  # drawn once here, so every rank and a resumed run use the same one
         import msgspec
 

@@ -24,8 +24,8 @@ from typing import Any
 SETUP = """
 %load_ext aiaas_lab
 import time, torch
-from aiaas_lab._api import StopSignal, train_local
-from aiaas_lab.engine.loop import TrainConfig
+import aiaas_lab
+from aiaas_lab import StopSignal
 from aiaas_lab.engine.datasets import synthetic_mnist
 from aiaas_lab.notebook.widget import make_widget_reporter
 X, y = synthetic_mnist(n={samples}, seed=0)
@@ -47,9 +47,9 @@ def timed(widget, log_every):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(784, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64),
                               torch.nn.ReLU(), torch.nn.Linear(64, 10))
-    cfg = TrainConfig(epochs={epochs}, batch_size=64, seed=0, log_every=log_every)
     t0 = time.perf_counter()
-    result = train_local(net, (X, y), cfg, progress=reporter, threads=1)
+    result = aiaas_lab.train(net, (X, y), epochs={epochs}, batch_size=64, seed=0, log_every=log_every,
+                             progress=reporter, threads=1)
     assert result.status == "completed", result
     return time.perf_counter() - t0, reporter.seconds if widget else 0.0
 """

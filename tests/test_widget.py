@@ -106,11 +106,10 @@ def test_stop_reaches_a_busy_cell_and_keeps_weights_and_history(kernel):
 def test_messages_stay_few_and_small_whatever_the_step_rate(kernel):
     front = FrontEnd(kernel)
     code = (
-        "from aiaas_lab._api import train_local\n"
-        "from aiaas_lab.engine.loop import TrainConfig\n"
+        "import aiaas_lab\n"
         "import time; t0 = time.monotonic()\n"
         # log_every=1: an event every step, the worst case for the reporter
-        "r = train_local('mlp', 'digits', TrainConfig(epochs=40, batch_size=16, seed=0, log_every=1), progress='widget', threads=1)\n"
+        "r = aiaas_lab.train('mlp', 'digits', epochs=40, batch_size=16, seed=0, log_every=1, progress='widget', threads=1)\n"
         "seconds = time.monotonic() - t0"
     )
     out = kernel.run(code, on_message=front.on_message, timeout=180)

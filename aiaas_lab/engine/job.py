@@ -62,6 +62,7 @@ class Hyperparameters(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
     threads: Count | None = None
     checkpoint: str | None = None
     resume: bool = False
+    log_every: Count | None = None  # optimizer steps per progress event; None: about 50 an epoch
 
     def resolved(self) -> Hyperparameters:
         """The values a run actually uses: defaults filled in, a seed drawn when none was given."""
@@ -90,11 +91,12 @@ _EXPECTED = {
     "clip": "a positive number or none", "momentum": "a number from 0 up to (not including) 1",
     "weight_decay": "a number >= 0", "seed": "a whole number from 0 to 2**31 - 1",
     "workers": f"a whole number from 1 to {MAX_WORKERS}", "normalize": "true or false", "shard": "true or false",
-    "resume": "true or false", "checkpoint": "a directory path", "optimizer": "one of " + ", ".join(OPTIMIZERS),
+    "resume": "true or false", "checkpoint": "a directory path",
+    "log_every": "a positive whole number (at most 2**31 - 1) or none", "optimizer": "one of " + ", ".join(OPTIMIZERS),
     "loss": "one of " + ", ".join(LOSSES), "device": "one of " + ", ".join(DEVICES),
 }
 _CHOICES = {"optimizer": OPTIMIZERS, "loss": LOSSES, "device": DEVICES}
-_INTS = ("epochs", "batch_size", "grad_accum", "patience", "seed", "workers", "threads")
+_INTS = ("epochs", "batch_size", "grad_accum", "patience", "seed", "workers", "threads", "log_every")
 
 
 def option_name(field: str) -> str:

@@ -75,11 +75,12 @@ class TrainConfig:
     def from_hyperparameters(cls, h: Hyperparameters, **overrides: Any) -> TrainConfig:
         """The loop's settings for a job's (checked) hyperparameters: the one conversion."""
         r = h.resolved()
-        return cls(epochs=r.epochs, batch_size=r.batch_size, lr=r.lr, optimizer=r.optimizer, loss=r.loss,
-                   weight_decay=r.weight_decay, momentum=r.momentum, grad_accum=r.grad_accum, clip=r.clip,
-                   patience=r.patience, seed=r.seed or 0, device=r.device, checkpoint=r.checkpoint,
-                   resume=r.resume, normalize=r.normalize, workers=r.workers, shard=r.shard,
-                   threads=r.threads, **overrides)
+        settings: dict[str, Any] = dict(
+            epochs=r.epochs, batch_size=r.batch_size, lr=r.lr, optimizer=r.optimizer, loss=r.loss,
+            weight_decay=r.weight_decay, momentum=r.momentum, grad_accum=r.grad_accum, clip=r.clip,
+            patience=r.patience, seed=r.seed or 0, device=r.device, checkpoint=r.checkpoint, resume=r.resume,
+            normalize=r.normalize, workers=r.workers, shard=r.shard, threads=r.threads, log_every=r.log_every)
+        return cls(**{**settings, **overrides})
 
     @property
     def resolved_lr(self) -> float:

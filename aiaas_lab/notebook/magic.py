@@ -47,6 +47,7 @@ def _train_parser() -> _Parser:
     p.add_argument("--normalize", action="store_true", help="standardise features with training-split statistics")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)}")
+    p.add_argument("--log-every", type=int, metavar="N", help="optimizer steps per progress event (default: ~50 an epoch)")
     p.add_argument("--threads", type=int, help="torch threads while training (default: torch's)")
     p.add_argument("--checkpoint", metavar="DIR", help="save a safetensors checkpoint each epoch")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint DIR")
@@ -165,7 +166,7 @@ class AiaasMagics(Magics):
             grad_accum=opts.grad_accum, clip=opts.clip, patience=opts.patience, normalize=opts.normalize,
             seed=opts.seed, device=opts.device, threads=opts.threads, checkpoint=opts.checkpoint,
             resume=opts.resume, workers=opts.workers, shard=opts.shard, background=opts.background,
-            backend=opts.backend or self.backend, name=opts.name,
+            backend=opts.backend or self.backend, name=opts.name, log_every=opts.log_every,
             progress=self._progress(opts.no_widget))
         if isinstance(model, str) and getattr(result, "model", None) is not None:
             # The last built-in trained by name answers to that name in `%aiaas predict mlp`, while
