@@ -45,6 +45,8 @@ def test_cancel_reaches_every_rank_and_leaves_no_process(aiaas_server: ServerPro
         for frame in sse_frames(client, job["id"], timeout=180):
             if frame["event"] == "epoch_end":
                 break
+        started = [p for p in _descendants(aiaas_server) if "aiaas_lab.worker" in p.cmdline()[:4]]
+        assert len(started) == 2, [p.cmdline() for p in started]
         t0 = time.monotonic()
         client.post(f"/v1/jobs/{job['id']}/cancel")
         final = wait_for(client, job["id"], timeout=60)
@@ -52,9 +54,44 @@ def test_cancel_reaches_every_rank_and_leaves_no_process(aiaas_server: ServerPro
         ended = all_events(client, job["id"])[-1]["event"]
         assert ended["type"] == "run_ended" and ended["status"] == "stopped"
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        ranks = [p for p in psutil.process_iter(["cmdline"]) if "aiaas_lab.worker" in " ".join(p.info["cmdline"] or [])]
-        if not ranks:
-            break
-        time.sleep(0.5)
-    assert not ranks, [p.info["cmdline"] for p in ranks]
+    while (left := [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]) \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, [p.cmdline() for p in left]
+
+
+def _descendants(server: ServerProcess) -> list[psutil.Process]:
+    """What the server started, from its pid: never a scan of the machine's processes."""
+    return psutil.Process(server.process.pid).children(recursive=True)
+
+
+def test_the_rendezvous_and_every_port_of_a_job_listen_on_loopback_only(aiaas_server: ServerProcess) -> None:
+    import socket
+
+    body = {"model": {"builtin": "mlp"}, "data": {"builtin": "digits"},
+            "hyperparameters": {"epochs": 500, "batch_size": 16, "workers": 2}}
+    with aiaas_server.client() as client:
+        job = client.post("/v1/jobs", json=body).json()
+        for frame in sse_frames(client, job["id"], timeout=180):
+            if frame["event"] == "step":
+                break
+        listening = []
+        for proc in _descendants(aiaas_server):
+            try:
+                listening += [(proc.cmdline()[2:4], c.laddr) for c in proc.net_connections("inet")
+                              if c.status == psutil.CONN_LISTEN]
+            except psutil.NoSuchProcess:
+                pass
+        client.post(f"/v1/jobs/{job['id']}/cancel")
+        assert wait_for(client, job["id"], timeout=60)["status"] == "cancelled"
+    agent = [addr for cmd, addr in listening if "_distributed_runner" in " ".join(cmd)]
+    assert len(agent) >= 1, listening  # torchrun's rendezvous store (and the store it shares with the ranks)
+    assert all(addr.ip in ("127.0.0.1", "::1") for _, addr in listening), listening
+    # Not reachable through any other address of this machine either.
+    others = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+              if a.family == socket.AF_INET and not a.address.startswith("127.")]
+    for ip in others[:2]:
+        for port in {addr.port for addr in agent}:
+            with socket.socket() as s:
+                s.settimeout(2)
+                assert s.connect_ex((ip, port)) != 0, (ip, port)

@@ -129,5 +129,12 @@ def serve_main(argv: list[str]) -> int:
     http = bounded_httptools(opts.max_header_kb * 1024, opts.body_timeout_s)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                                            loop="asyncio", http=http, timeout_graceful_shutdown=3))
-    server.run(sockets=[sock])
+    try:
+        # uvicorn turns SIGTERM and SIGINT into a graceful shutdown (the executor stops every job
+        # process group; the jobs resume at the next start), then raises the signal again once
+        # it is done: for SIGINT that is a KeyboardInterrupt, which here is no error.
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        print("aiaas-lab serve: stopped (interrupted)", file=sys.stderr)
+        return 130
     return 0

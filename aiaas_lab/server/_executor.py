@@ -47,7 +47,9 @@ STOP_GRACE_S = 2.0  # SIGTERM to SIGKILL when the server stops (the jobs resume 
 # data (torch, the engine); training the built-in models on the built-in data adds well under
 # 100 MB; 4 GB leaves room for real data sets while one runaway job cannot take the machine.
 DEFAULT_JOB_MEMORY_MB = 4096
-_MEMORY_SIGNS = ("memoryerror", "can't allocate memory", "cannot allocate memory", "bad_alloc", "out of memory")
+# What an allocation past the limit says (Python, torch's CPU allocator, C++); not "out of memory",
+# which a CUDA OOM and our own exit descriptions also say.
+_MEMORY_SIGNS = ("memoryerror", "can't allocate memory", "cannot allocate memory", "bad_alloc")
 
 
 class JobSignals:
