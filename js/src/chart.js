@@ -1,12 +1,19 @@
 // A small SVG line chart, redrawn whole on each update (a few hundred points at most).
+// Non-finite values are not points: a line skips them, and a labelled rule ("NaN", "inf",
+// "-inf") marks where each kind first appears, so a diverged loss shows without an axis that
+// runs to infinity.
 import { extent } from "./series.js";
 import { formatNumber } from "./format.js";
+import { nonFiniteMarks } from "./nonfinite.js";
 
 const SVG = "http://www.w3.org/2000/svg";
 const PAD = { left: 46, right: 8, top: 18, bottom: 18 };
 
 /**
- * @typedef {{xs: number[], ys: number[], cls: string, dots?: boolean}} Line
+ * `marks` says where the line's non-finite values are, for a line whose xs/ys no longer hold
+ * them (a downsampled curve); by default they are found in xs/ys.
+ * @typedef {{x: number, label: string}} Mark
+ * @typedef {{xs: number[], ys: number[], cls: string, dots?: boolean, marks?: Mark[]}} Line
  */
 
 /**
@@ -37,12 +44,15 @@ export function drawChart(root, { title, lines, width, height }) {
   const label = svg("text", { class: "aiaas-axis", x: PAD.left, y: 12 });
   label.textContent = title;
   root.append(label);
-  const xr = extent(lines.map((l) => l.xs));
+  const marks = uniqueMarks(lines);
+  const xr = extent([...lines.map((l) => l.xs), marks.map((m) => m.x)]);
   const yr = extent(lines.map((l) => l.ys));
-  if (!xr || !yr) return 0;
+  if (!xr || (!yr && !marks.length)) return 0;
   const sx = (/** @type {number} */ x) => PAD.left + ((x - xr[0]) / (xr[1] - xr[0])) * innerW;
-  const sy = (/** @type {number} */ y) => PAD.top + innerH - ((y - yr[0]) / (yr[1] - yr[0])) * innerH;
-  for (const value of [yr[0], (yr[0] + yr[1]) / 2, yr[1]]) {
+  // With no finite value at all there are only marks to draw: no y axis, no points.
+  const [y0, y1] = yr || [0, 1];
+  const sy = (/** @type {number} */ y) => PAD.top + innerH - ((y - y0) / (y1 - y0)) * innerH;
+  for (const value of yr ? [y0, (y0 + y1) / 2, y1] : []) {
     const tick = svg("text", { class: "aiaas-axis", x: PAD.left - 4, y: (sy(value) + 3).toFixed(1), "text-anchor": "end" });
     tick.textContent = formatNumber(value, 3);
     root.append(tick);
@@ -69,5 +79,36 @@ export function drawChart(root, { title, lines, width, height }) {
       for (const [x, y] of pts) root.append(svg("circle", { class: `aiaas-dot ${line.cls}`, cx: x.toFixed(1), cy: y.toFixed(1), r: 2.5 }));
     }
   }
+  for (const { x, label, cls } of marks) {
+    const at = sx(x);
+    // -inf is below every value, NaN and inf are above: the label sits at that edge.
+    const low = label === "-inf";
+    root.append(svg("line", { class: `aiaas-nonfinite-rule ${cls}`, x1: at.toFixed(1), x2: at.toFixed(1), y1: PAD.top, y2: PAD.top + innerH }));
+    const text = svg("text", {
+      class: `aiaas-nonfinite ${cls}`, x: (at + (at > PAD.left + innerW / 2 ? -3 : 3)).toFixed(1),
+      y: low ? PAD.top + innerH - 3 : PAD.top + 10, "text-anchor": at > PAD.left + innerW / 2 ? "end" : "start",
+      "data-x": x,
+    });
+    text.textContent = label;
+    root.append(text);
+  }
   return drawn;
+}
+
+/**
+ * Every line's non-finite marks, once per (x, label) even when two lines share one (a diverged
+ * step that is also its epoch's last).
+ * @param {Line[]} lines
+ * @returns {Array<Mark & {cls: string}>}
+ */
+function uniqueMarks(lines) {
+  const seen = new Set();
+  const out = [];
+  for (const line of lines) {
+    for (const mark of line.marks ?? nonFiniteMarks(line.xs, line.ys)) {
+      const key = `${mark.x} ${mark.label}`;
+      if (!seen.has(key)) { seen.add(key); out.push({ ...mark, cls: line.cls }); }
+    }
+  }
+  return out;
 }

@@ -1,4 +1,5 @@
 // Number, time and ETA formatting for the training widget. Pure functions: unit-tested in node.
+import { nonFiniteLabel } from "./nonfinite.js";
 
 /**
  * "m:ss" under an hour, "h:mm:ss" above, like the Python text progress; "–" when unknown.
@@ -16,14 +17,16 @@ export function formatDuration(seconds) {
 }
 
 /**
- * A metric value: fixed decimals in the usual range, exponent notation for tiny or huge values.
+ * A metric value: fixed decimals in the usual range, exponent notation for tiny or huge values,
+ * "NaN" / "inf" / "-inf" for the non-finite ones (a diverged loss must show), "–" when unknown.
  * @param {number | null | undefined} value
  * @param {number} [digits]
  * @returns {string}
  */
 export function formatNumber(value, digits = 4) {
-  if (value == null || Number.isNaN(value)) return "–";
-  if (!Number.isFinite(value)) return value > 0 ? "∞" : "-∞";
+  if (value == null) return "–";
+  const label = nonFiniteLabel(value);
+  if (label) return label;
   const magnitude = Math.abs(value);
   if (magnitude !== 0 && (magnitude >= 1e5 || magnitude < 10 ** -(digits - 1))) {
     return value.toExponential(2);

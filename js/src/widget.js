@@ -1,9 +1,10 @@
 // The live training widget: bars, figures, loss and accuracy charts, epoch table, Stop button.
 // The kernel sends the whole state in one `state` trait at most ten times a second; every update
-// redraws from it, so a lost message costs nothing.
+// redraws from it (its non-finite numbers decoded first, see nonfinite.js), so a lost message costs nothing.
 import { drawChart } from "./chart.js";
 import { decodeFloat32, decodeRows, downsample, ema, splitCurve } from "./series.js";
 import { eta, formatDuration, formatNumber, formatRate } from "./format.js";
+import { decodeState, nonFiniteMarks } from "./nonfinite.js";
 
 const STOP_HINT_MS = 2000;
 const CHART = { width: 320, height: 160 };
@@ -21,7 +22,7 @@ const CHART = { width: 320, height: 160 };
  * @property {number} epoch_step
  * @property {number} step
  * @property {number} samples
- * @property {number | null} loss
+ * @property {number | null} loss NaN or ±Infinity once decoded (see nonfinite.js); null before the first step
  * @property {number} elapsed
  * @property {string} checkpoint
  * @property {DataView} losses
@@ -112,7 +113,7 @@ function render({ model, el }) {
   let receivedAt = performance.now();
   let clickedAt = 0;
   /** @type {State} */
-  let state = model.get("state");
+  let state = decodeState(model.get("state"));
 
   /** @param {State} s */
   function drawFigures(s) {
@@ -152,7 +153,8 @@ function render({ model, el }) {
     const rows = decodeRows(decodeFloat32(s.history), s.columns || []);
     const raw = downsample(curve.xs, curve.ys, 2 * CHART.width);
     const lossLines = [
-      { xs: raw.xs, ys: raw.ys, cls: "aiaas-raw" },
+      // Downsampling drops non-finite points: their marks come from the whole curve.
+      { xs: raw.xs, ys: raw.ys, cls: "aiaas-raw", marks: nonFiniteMarks(curve.xs, curve.ys) },
       { xs: raw.xs, ys: ema(raw.ys), cls: "aiaas-train aiaas-smooth" },
     ];
     const epochSteps = rows.map((r) => r.epoch * s.steps_per_epoch);
@@ -216,7 +218,7 @@ function render({ model, el }) {
   for (const old of views) if (!old.el.isConnected) old.cleanup();
 
   const onChange = () => {
-    state = model.get("state");
+    state = decodeState(model.get("state"));
     receivedAt = performance.now();
     draw();
   };
