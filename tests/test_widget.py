@@ -4,11 +4,16 @@ pieces (curve downsampling, the static snapshot) directly."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
 import re
+import shutil
+import subprocess
 import time
 from array import array
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +22,28 @@ from aiaas_lab.engine.events import EpochEnd, RunEnded, RunStarted, StepEnd
 from aiaas_lab.notebook.widget import LOSS_POINTS
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+
+
+JS = Path(__file__).resolve().parents[1] / "js"
+
+
+@functools.cache
+def stop_messages_from_widget_js() -> list[Any]:
+    """Render js/src/widget.js on js/test/fake-dom.js, click Stop, and return what it sent."""
+    node = shutil.which("node")
+    if node is None:
+        message = "node is missing: the Stop message is read from the real widget.js"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    script = ("import(process.argv[1]).then(async (m) => console.log(JSON.stringify(await m.stopMessage())))"
+              ".catch((e) => { console.error(e); process.exit(1); });")
+    done = subprocess.run([node, "-e", script, (JS / "test" / "fake-dom.js").as_uri()], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    sent = json.loads(done.stdout)
+    assert sent, "clicking Stop in widget.js sent nothing"
+    return sent
 
 
 class FrontEnd:
@@ -46,9 +73,14 @@ class FrontEnd:
                 self.states.append((time.monotonic(), state, size))
 
     def click_stop(self) -> None:
+        """What a click on Stop puts on the wire: each message the real widget.js passes to
+        `model.send` (learnt by clicking it in node), wrapped as the widget protocol wraps a
+        custom message."""
         kc = self.kernel.client
-        kc.shell_channel.send(kc.session.msg("comm_msg", {
-            "comm_id": self.comm_id, "data": {"method": "custom", "content": {"type": "stop"}}}))
+        for content in stop_messages_from_widget_js():
+            kc.shell_channel.send(kc.session.msg("comm_msg", {
+                "comm_id": self.comm_id, "data": {"method": "custom", "content": content}}))
+
 
     @property
     def last(self) -> dict[str, Any]:
@@ -82,6 +114,7 @@ def test_train_shows_the_widget_with_a_static_snapshot(kernel):
 def test_stop_reaches_a_busy_cell_and_keeps_weights_and_history(kernel):
     front = FrontEnd(kernel)
     clicked: dict[str, float] = {}
+    stop_messages_from_widget_js()  # learnt before the run, so node's start-up is not in the timing
 
     def on_message(msg: dict[str, Any]) -> None:
         front.on_message(msg)
