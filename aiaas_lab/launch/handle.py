@@ -126,6 +126,11 @@ class RunHandle:
                     self.subscriber_error = f"the callback {name} raised {type(exc).__name__}: {exc}"
                     self._stop.request(self.subscriber_error)
 
+    def accepted(self) -> None:
+        """The run was checked and handed over (a server queued it): a background caller may
+        return now, while the run waits for its first step elsewhere."""
+        self._started.set()
+
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:
         if result is not None and self.subscriber_error and result.status != "failed":
             result.status, result.error = "failed", self.subscriber_error
@@ -146,7 +151,7 @@ class RunHandle:
 
         threading.Thread(target=work, name=name, daemon=True).start()
         self._started.wait()
-        if self._error is not None and not self.events:
+        if self._error is not None and not self.events and self.job_id is None:
             raise self._error
         return self
 

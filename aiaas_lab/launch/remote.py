@@ -245,6 +245,7 @@ class _Follower:
         self._module, self._preprocessing = module, preprocessing
         self._cancelled = False
         run.job_id, run.where, run.client = job_id, f"job {job_id} on {client.url}", client
+        run.accepted()  # queued on the server: a background caller has its handle now
 
     def follow(self) -> TrainResult:
         ended: RunEnded | None = None
