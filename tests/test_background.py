@@ -3,6 +3,7 @@ run goes on; errors found before the first step still raise in the cell that sta
 
 from __future__ import annotations
 
+import queue
 import time
 from typing import Any
 
@@ -53,12 +54,22 @@ def test_background_errors_before_the_first_step_raise_in_the_cell(own_kernel):
 
 def test_interrupt_while_waiting_stops_the_run_and_returns_its_result(own_kernel):
     own_kernel.check("h = %aiaas train mlp --data digits --epochs 3000 --seed 0 --threads 1 --background --no-widget")
-    msg_id = own_kernel.client.execute("res = h.wait()\nres.status, res.reason")
-    time.sleep(1.0)
+    msg_id = own_kernel.client.execute("print('waiting', flush=True)\nres = h.wait()\nres.status, res.reason")
+    # Interrupt only once the cell is about to wait (the next statement): earlier, an idle kernel
+    # would drop the interrupt and the cell would wait for 3000 epochs.
+    deadline = time.monotonic() + 60
+    waiting = False
+    while not waiting:
+        assert time.monotonic() < deadline, "the cell never started waiting"
+        try:
+            msg = own_kernel.client.get_iopub_msg(timeout=1)
+        except queue.Empty:
+            continue
+        waiting = (msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream"
+                   and "waiting" in msg["content"]["text"])
     own_kernel.manager.interrupt_kernel()
     out = own_kernel.check("res.status, res.reason, h.status", timeout=60)
     assert out.text == "('stopped', 'interrupted', 'stopped')", out.text
-    del msg_id
 
 
 def test_python_api_background_handle():
