@@ -1,6 +1,7 @@
 """Serving the digits MLP: aiaas-lab's server against MLServer, side by side in one run.
 
     .venv/bin/python bench/serve.py [--seconds 4] [--rounds 3] [--clients 1,8,32] [--jobs 5] [--gap 10]
+        [--baseline GIT_REV] [--no-mlserver]
 
 1. Starts `aiaas-lab serve` pinned to core 0 and trains the built-in MLP on digits through the
    client; measures the time from `POST /v1/jobs` to the job's first event and first step event
@@ -11,6 +12,10 @@
    row per V2 infer request, JSON): an httpx load generator costs 2-7 ms of CPU per request here
    and would measure itself. Prints requests/s and p50/p99 latency at 1, 8 and 32 concurrent
    clients, and the ratios ours / MLServer.
+
+`--baseline REV` also serves the same weights with aiaas-lab as of that git revision (its files
+from `git archive`, on this environment), so a change to the server is measured before/after in
+one run, the servers alternating; `--no-mlserver` leaves MLServer out.
 """
 
 from __future__ import annotations
@@ -42,11 +47,12 @@ from aiaas_lab.engine.events import RunStarted, StepEnd  # noqa: E402
 SERVER_CPU, CLIENT_CPU = "0", 1
 
 
-def start_ours(data_dir: Path, port: int, token: str) -> subprocess.Popen[bytes]:
+def start_ours(data_dir: Path, port: int, token: str, source: Path | None = None) -> subprocess.Popen[bytes]:
     command = ["taskset", "-c", SERVER_CPU, sys.executable, "-m", "aiaas_lab", "serve", "--port", str(port),
                "--token", token, "--data-dir", str(data_dir), "--max-jobs", "1"]
     log = open(data_dir / "server.log", "wb")  # noqa: SIM115 - open for the process's lifetime
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    env = {**os.environ, "PYTHONPATH": str(source)} if source else None  # another revision's package first
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=source)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -146,6 +152,8 @@ def main() -> int:
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--jobs", type=int, default=5, help="training jobs timed to their first event")
     parser.add_argument("--gap", type=float, default=10.0, help="seconds between those jobs")
+    parser.add_argument("--baseline", metavar="GIT_REV", help="also serve with aiaas-lab as of this revision")
+    parser.add_argument("--no-mlserver", action="store_true", help="leave MLServer out")
     opts = parser.parse_args()
     concurrency = [int(c) for c in opts.clients.split(",")]
 
@@ -168,17 +176,29 @@ def main() -> int:
               f"(target < 1000)")
         print(f"POST /v1/jobs -> first step event, ms: {', '.join(f'{t * 1e3:.0f}' for t in first_step)}")
 
-        write_repository(workdir / "mlserver", {name: weights}, port=ml_port)
-        processes.append(start_mlserver(workdir / "mlserver", ml_port, [name], cpu=SERVER_CPU))
+        targets = {"aiaas-lab": (ours_port, f"/v2/models/{name}/infer", token)}
+        if not opts.no_mlserver:
+            write_repository(workdir / "mlserver", {name: weights}, port=ml_port)
+            processes.append(start_mlserver(workdir / "mlserver", ml_port, [name], cpu=SERVER_CPU))
+            targets["MLServer"] = (ml_port, f"/v2/models/{name}/infer", None)
+        if opts.baseline:
+            source, base_port = workdir / "baseline", free_port()
+            source.mkdir()
+            archive = subprocess.run(["git", "-C", str(ROOT), "archive", opts.baseline], check=True, capture_output=True)
+            subprocess.run(["tar", "-x", "-C", str(source)], input=archive.stdout, check=True)
+            (workdir / "data-baseline").mkdir()
+            processes.append(start_ours(workdir / "data-baseline", base_port, token, source))
+            with Client(f"http://127.0.0.1:{base_port}", token) as client:
+                time_to_first_events(client, 1, epochs=3, gap=0)
+            targets[opts.baseline[:10]] = (base_port, f"/v2/models/{name}/infer", token)
 
         X, _ = load_builtin_dataset("digits")
         row = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": X[0].tolist()}]}
         body = json.dumps(row).encode()
-        targets = {"aiaas-lab": (ours_port, f"/v2/models/{name}/infer", token),
-                   "MLServer": (ml_port, f"/v2/models/{name}/infer", None)}
         answers = {k: infer_once(f"http://127.0.0.1:{p}", path, body, t) for k, (p, path, t) in targets.items()}
-        diff = max(abs(a - b) for a, b in zip(answers["aiaas-lab"], answers["MLServer"]))
-        print(f"same model on both servers: max |difference| of the outputs {diff:.2e}")
+        if "MLServer" in answers:
+            diff = max(abs(a - b) for a, b in zip(answers["aiaas-lab"], answers["MLServer"]))
+            print(f"same model on both servers: max |difference| of the outputs {diff:.2e}")
 
         print(f"\nV2 infer, 1 row per request, JSON; servers on core {SERVER_CPU}, load generator on core {CLIENT_CPU}; "
               f"{opts.seconds:g} s per point after {opts.warmup:g} s warm-up; {opts.rounds} rounds, the servers "
@@ -193,10 +213,12 @@ def main() -> int:
             medians = {label: [statistics.median(r[i] for r in rounds) for i in range(3)] + [sum(r[3] for r in rounds)]
                        for label, rounds in runs.items()}
             for label, (rps, p50, p99, errors) in medians.items():
-                print(f"{clients:>7}  {label:<10} {rps:>8.0f} {p50:>8.2f} {p99:>8.2f} {errors:>6}")
-            ours_r, ml_r = medians["aiaas-lab"], medians["MLServer"]
-            print(f"{'':>7}  ours/MLServer: throughput {ours_r[0] / ml_r[0]:.2f}x, p50 {ours_r[1] / ml_r[1]:.2f}x, "
-                  f"p99 {ours_r[2] / ml_r[2]:.2f}x")
+                print(f"{clients:>7}  {label:<10.10} {rps:>8.0f} {p50:>8.2f} {p99:>8.2f} {errors:>6}")
+            ours_r = medians["aiaas-lab"]
+            for other in [label for label in medians if label != "aiaas-lab"]:
+                ml_r = medians[other]
+                print(f"{'':>7}  ours/{other}: throughput {ours_r[0] / ml_r[0]:.2f}x, p50 {ours_r[1] / ml_r[1]:.2f}x, "
+                      f"p99 {ours_r[2] / ml_r[2]:.2f}x")
     finally:
         for process in processes:
             stop(process)
