@@ -86,7 +86,10 @@ def test_jupyterlab_widget_runs_and_stops(lab: Any, page: Any, artifacts: Path) 
     # Dark theme: the same view through JupyterLab's CSS variables.
     page.evaluate("() => window.jupyterapp.commands.execute('apputils:change-theme', {theme: 'JupyterLab Dark'})")
     page.wait_for_function("() => document.body.dataset.jpThemeLight === 'false'", timeout=30_000)
-    time.sleep(0.5)
+    # The theme's CSS has reached the widget once its text is light (a fixed wait would only guess).
+    page.wait_for_function("() => { const el = document.querySelector('.aiaas-widget');"
+                           " const [r, g, b] = getComputedStyle(el).color.match(/\\d+/g).map(Number);"
+                           " return r + g + b > 3 * 127; }", timeout=30_000)
     page.locator(".aiaas-widget").nth(0).screenshot(path=str(artifacts / "lab-dark-widget.png"))
     page.screenshot(path=str(artifacts / "lab-dark.png"))
 
