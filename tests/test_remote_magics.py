@@ -67,6 +67,27 @@ def test_connect_errors_are_one_clear_message(k: Any, aiaas_server: ServerProces
         "--backend: expected an http:// or https:// URL, but found 'localhost:8000'.")
 
 
+def test_connect_takes_the_token_from_aiaas_token(k: Any, aiaas_server: ServerProcess) -> None:  # noqa: F811
+    token = aiaas_server.token
+    try:
+        # the variable is read: a wrong one is what the server rejects...
+        check(k, "os.environ['AIAAS_TOKEN'] = 'wrong-env-token-0123456789'", token)
+        wrong = usage_error(k, "%aiaas connect $URL", token)
+        assert wrong.startswith(f"The server at {aiaas_server.url} rejected the token (401 Unauthorized)"), wrong
+        # ...the right one connects, and later commands go on using it
+        check(k, "os.environ['AIAAS_TOKEN'] = TOKEN", token)
+        out = check(k, "%aiaas connect $URL", token)
+        assert out.stdout.startswith(f"Connected to {aiaas_server.url} (aiaas-lab "), out.stdout
+        jobs = check(k, "%aiaas jobs", token)
+        assert jobs.stderr == "" and jobs.results, jobs  # no UsageError: the server took the variable's token
+        # --token, when given, wins over the variable
+        check(k, "os.environ['AIAAS_TOKEN'] = 'wrong-env-token-0123456789'", token)
+        out = check(k, "%aiaas connect $URL --token $TOKEN", token)
+        assert out.stdout.startswith(f"Connected to {aiaas_server.url}"), out.stdout
+    finally:
+        check(k, "os.environ.pop('AIAAS_TOKEN', None)", token)
+
+
 def test_connect_then_train_predict_jobs_models(k: Any, aiaas_server: ServerProcess) -> None:  # noqa: F811
     token = aiaas_server.token
     out = check(k, "%aiaas connect $URL --token $TOKEN", token)
@@ -173,10 +194,29 @@ def test_attach_loads_a_custom_module_into_the_given_one(k: Any, aiaas_server: S
     assert out.stdout.strip().splitlines()[-1] == "True True True"
 
 
+def _follow(k: Any, msg_id: str, seen: dict[str, Any], until: str, timeout: float = 120) -> None:
+    """Read the cell's iopub messages until its stdout shows `until`, or it ends."""
+    deadline = time.monotonic() + timeout
+    while until not in seen["stdout"] and not seen["idle"]:
+        assert time.monotonic() < deadline, f"no {until!r} in {seen['stdout'][-2000:]!r}"
+        msg = k.client.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        kind, content = msg["msg_type"], msg["content"]
+        if kind == "stream":
+            seen["stdout"] += content["text"]
+        elif kind == "error":
+            seen["error"] = content
+        elif kind == "status" and content["execution_state"] == "idle":
+            k.client.get_shell_msg(timeout=10)
+            seen["idle"] = True
+
+
 def test_attach_after_a_kernel_restart_follows_the_job_live(k: Any, aiaas_server: ServerProcess) -> None:  # noqa: F811
-    """Last in this module: it restarts the shared kernel."""
+    """Last in this module: it restarts the shared kernel. The job is far too long to end on its
+    own; the test cancels it only once attach is following, so attach must see that live."""
     token = aiaas_server.token
-    out = check(k, "h = %aiaas train mlp --data digits --epochs 40 --batch-size 16 --background --no-widget\n"
+    out = check(k, "h = %aiaas train mlp --data digits --epochs 5000 --batch-size 16 --background --no-widget\n"
                    "print(h.job_id)", token)
     job_id = out.stdout.strip().splitlines()[-1]
     k.manager.restart_kernel(now=True)
@@ -184,7 +224,17 @@ def test_attach_after_a_kernel_restart_follows_the_job_live(k: Any, aiaas_server
     check(k, f"%load_ext aiaas_lab\nURL = {aiaas_server.url!r}\nTOKEN = {aiaas_server.token!r}", token)
     with Client(aiaas_server.url, token) as c:
         assert c.get_job(job_id)["status"] in ("queued", "running")  # the job outlived the kernel
-    out = check(k, f"%aiaas connect $URL --token $TOKEN\nr = %aiaas attach {job_id} --no-widget\n"
-                   "print(r.status, len(r.history), r.job_id)", token)
-    assert "epoch 1/40" in out.stdout and "completed after 40 epochs" in out.stdout
-    assert out.stdout.strip().splitlines()[-1] == f"completed 40 {job_id}"
+    check(k, "%aiaas connect $URL --token $TOKEN", token)
+    msg_id = k.client.execute(f"r = %aiaas attach {job_id} --no-widget\nprint('attached', r.status, r.job_id)")
+    seen: dict[str, Any] = {"stdout": "", "error": None, "idle": False}
+    _follow(k, msg_id, seen, "epoch 2/5000")  # training progress, replayed or live
+    assert not seen["idle"], seen
+    with aiaas_server.client() as http:
+        assert http.post(f"/v1/jobs/{job_id}/cancel").status_code in (200, 202)
+    _follow(k, msg_id, seen, "\0never printed\0")  # until the cell ends
+    assert token not in seen["stdout"]
+    assert seen["error"] is None, seen["error"]
+    assert "epoch 1/5000" in seen["stdout"]
+    assert seen["stdout"].strip().splitlines()[-1] == f"attached stopped {job_id}"
+    with Client(aiaas_server.url, token) as c:
+        assert c.get_job(job_id)["status"] == "cancelled"
