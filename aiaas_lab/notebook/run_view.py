@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 import time
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from ..engine.events import CheckpointSaved, EpochEnd, Event, RunEnded, RunStarted, StepEnd
-from .._format import format_duration, format_rate, history_table
+from .._format import format_duration, format_metric, format_rate, history_table
+from ..engine.events import CheckpointSaved, EpochEnd, Event, RunEnded, RunStarted, StepEnd, to_wire
 from .snapshot import snapshot_html
 
 __all__ = ["LOSS_POINTS", "HISTORY_ROWS", "METRIC_COLUMNS"]
@@ -77,10 +77,6 @@ def _pick_rows(rows: Sequence[dict[str, float]], limit: int) -> list[dict[str, f
     if n <= limit:
         return list(rows)
     return [rows[round(i * (n - 1) / (limit - 1))] for i in range(limit)]
-
-
-def _plain_number(value: float) -> str:
-    return f"{value:.4f}"
 
 
 class _RunView:
@@ -173,22 +169,25 @@ class _RunView:
         return self._history_bytes
 
     def state(self, stop_requested: bool = False) -> dict[str, Any]:
-        """The whole state of the live view: one message's worth, a few KB at most."""
+        """The whole state of the live view: one message's worth, a few KB at most.
+
+        The state travels as JSON, which has no NaN or infinity (jupyter_client refuses them), so
+        a non-finite float (a diverged loss) is sent as the string "NaN", "Infinity" or
+        "-Infinity", the engine's own event codec (`to_wire`); js/src/nonfinite.js decodes them in
+        the number fields. The float32 curve and rows carry non-finite values as they are."""
         s = self.started
-        return {
+        return to_wire({
             "status": self.status, "reason": self.reason, "error": self.error,
             "stop_requested": stop_requested,
             "epochs": s.epochs if s else 0, "start_epoch": s.start_epoch if s else 0,
             "steps_per_epoch": s.steps_per_epoch if s else 0, "batch_size": s.batch_size if s else 0,
             "train_samples": s.train_samples if s else 0, "task": s.task if s else "",
             "epoch": self.epoch, "epochs_done": self.epochs_done(), "epoch_step": self.epoch_step,
-            # JSON has no NaN: a diverged loss travels as null (the front-end shows a dash).
-            "step": self.step, "samples": self.samples,
-            "loss": self.loss if self.loss is not None and math.isfinite(self.loss) else None,
+            "step": self.step, "samples": self.samples, "loss": self.loss,
             "elapsed": round(self.elapsed(), 3), "checkpoint": self.checkpoint,
             "losses": self.series.to_bytes(),
             "columns": self.columns(), "history": self.history_bytes(), "history_total": len(self.history),
-        }
+        })
 
     # -- static renderings ---------------------------------------------------------------
 
@@ -201,8 +200,8 @@ class _RunView:
             return line + (f" ({self.reason})" if self.reason else "")
         return self.status
 
-    def figures(self, number: Callable[[float], str] = _plain_number) -> str:
-        """Elapsed, ETA, rate and loss on one line; `number` formats the loss."""
+    def figures(self) -> str:
+        """Elapsed, ETA, rate and loss on one line (a diverged loss reads NaN or inf)."""
         elapsed, eta = self.elapsed(), self.eta()
         parts = [f"elapsed {format_duration(elapsed)}"]
         if eta is not None:
@@ -210,7 +209,7 @@ class _RunView:
         if elapsed > 0 and self.samples:
             parts.append(f"{format_rate(self.samples / elapsed)} samples/s")
         if self.loss is not None:
-            parts.append(f"loss {number(self.loss)}")
+            parts.append(f"loss {format_metric(self.loss)}")
         return " · ".join(parts)
 
     def text(self) -> str:

@@ -6,15 +6,21 @@ JupyterLab's theme variables and plain fallbacks), because a rendered notebook d
 
 It reads the run through `_Snapshotted`, the few members of `run_view._RunView` it needs, rather
 than importing that module: the view's `html()` calls into here, so an import back would be a cycle.
+
+Non-finite values (a diverged loss, an overflowed validation loss) read "NaN", "inf" and "-inf"
+in the figures and the table, like the live widget. A chart skips them, so its axis stays finite,
+and marks with a labelled rule where each kind first appears on a line (js/src/chart.js does the
+same for the live view).
 """
 
 from __future__ import annotations
 
 import html
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
+from .._format import format_metric
 from ..engine.events import RunStarted
 
 __all__ = ["snapshot_html"]
@@ -22,6 +28,7 @@ __all__ = ["snapshot_html"]
 _COLORS = {"train": "var(--jp-brand-color1, #1976d2)", "val": "var(--jp-warn-color1, #f57c00)"}
 _FG, _FG2 = "var(--jp-ui-font-color1, #212121)", "var(--jp-ui-font-color2, #616161)"
 _BORDER = "var(--jp-border-color2, #e0e0e0)"
+_ERROR = "var(--jp-error-color1, #d32f2f)"
 _TABLE_ROWS = 50  # epoch rows in the snapshot's table; the chart draws as many as the live view
 
 
@@ -33,7 +40,7 @@ class _Snapshotted(Protocol):
     history: list[dict[str, float]]
 
     def status_line(self) -> str: ...
-    def figures(self, number: Callable[[float], str] = ...) -> str: ...
+    def figures(self) -> str: ...
     def epochs_done(self) -> int: ...
     def columns(self) -> list[str]: ...
     def rows(self, limit: int = ...) -> list[dict[str, float]]: ...
@@ -47,15 +54,30 @@ def _ema(values: Sequence[float], weight: float = 0.8) -> list[float]:
     return out
 
 
+def _marks(lines: list[tuple[Sequence[float], Sequence[float], str, float, bool]]) -> list[tuple[float, str, str]]:
+    """(x, label, colour) where each line first has each kind of non-finite value, once per place."""
+    out: dict[tuple[float, str], str] = {}
+    for xs, ys, color, *_ in lines:
+        seen: set[str] = set()
+        for x, y in zip(xs, ys):
+            if not math.isfinite(y) and math.isfinite(x) and (label := format_metric(y)) not in seen:
+                seen.add(label)
+                out.setdefault((x, label), color)
+    return [(x, label, color) for (x, label), color in out.items()]
+
+
 def _svg_chart(title: str, lines: list[tuple[Sequence[float], Sequence[float], str, float, bool]],
                width: int = 300, height: int = 150) -> str:
     """A small SVG line chart; each line is (xs, ys, colour, opacity, dots)."""
     finite = [(x, y) for xs, ys, *_ in lines for x, y in zip(xs, ys) if math.isfinite(y)]
+    marks = _marks(lines)
     pad_l, pad_r, pad_t, pad_b = 44, 8, 18, 18
     body = [f"<text x='{pad_l}' y='12' style='fill:{_FG2};font-size:11px'>{html.escape(title)}</text>"]
-    if finite:
-        x0, x1 = min(p[0] for p in finite), max(p[0] for p in finite)
-        y0, y1 = min(p[1] for p in finite), max(p[1] for p in finite)
+    if finite or marks:
+        xs_all = [p[0] for p in finite] + [m[0] for m in marks]
+        x0, x1 = min(xs_all), max(xs_all)
+        # With no finite value at all there are only marks to draw: no y axis, no points.
+        y0, y1 = (min(p[1] for p in finite), max(p[1] for p in finite)) if finite else (0.0, 1.0)
         x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + abs(y0) * 0.1 + 1e-6)
 
         def sx(x: float) -> float:
@@ -64,7 +86,7 @@ def _svg_chart(title: str, lines: list[tuple[Sequence[float], Sequence[float], s
         def sy(y: float) -> float:
             return height - pad_b - (y - y0) / (y1 - y0) * (height - pad_t - pad_b)
 
-        for value in (y0, (y0 + y1) / 2, y1):
+        for value in (y0, (y0 + y1) / 2, y1) if finite else ():
             body.append(f"<text x='{pad_l - 4}' y='{sy(value) + 3:.1f}' text-anchor='end' "
                         f"style='fill:{_FG2};font-size:10px'>{value:.3g}</text>")
         body.append(f"<text x='{pad_l}' y='{height - 4}' style='fill:{_FG2};font-size:10px'>{x0:g}</text>"
@@ -79,6 +101,15 @@ def _svg_chart(title: str, lines: list[tuple[Sequence[float], Sequence[float], s
                         f"opacity:{opacity}'/>")
             if dots:
                 body.extend(f"<circle cx='{x:.1f}' cy='{y:.1f}' r='2.5' style='fill:{color}'/>" for x, y in pts)
+        for x, label, color in marks:
+            at, right = sx(x), sx(x) > (pad_l + width - pad_r) / 2
+            # -inf is below every value, NaN and inf above: the label sits at that edge.
+            y = height - pad_b - 3 if label == "-inf" else pad_t + 10
+            body.append(f"<line x1='{at:.1f}' x2='{at:.1f}' y1='{pad_t}' y2='{height - pad_b}' "
+                        f"style='stroke:{_ERROR};stroke-dasharray:3 3;opacity:0.6'/>"
+                        f"<text class='aiaas-nonfinite' x='{at + (-3 if right else 3):.1f}' y='{y}' "
+                        f"text-anchor='{'end' if right else 'start'}' style='fill:{_ERROR};font-size:10px;"
+                        f"font-weight:600'>{label}</text>")
     rect = (f"<rect x='{pad_l}' y='{pad_t}' width='{width - pad_l - pad_r}' height='{height - pad_t - pad_b}' "
             f"style='fill:none;stroke:{_BORDER}'/>")
     return (f"<svg class='aiaas-chart' xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' "
@@ -96,7 +127,7 @@ def _bar(label: str, fraction: float) -> str:
 
 def snapshot_html(view: _Snapshotted) -> str:
     s = view.started
-    color = {"failed": "var(--jp-error-color1, #d32f2f)", "stopped": "var(--jp-warn-color1, #f57c00)",
+    color = {"failed": _ERROR, "stopped": "var(--jp-warn-color1, #f57c00)",
              "completed": "var(--jp-success-color1, #388e3c)"}.get(view.status, _FG)
     parts = [f"<div style='color:{color};font-weight:600'>{html.escape(view.status_line())}</div>"]
     if s is not None:
@@ -106,7 +137,11 @@ def snapshot_html(view: _Snapshotted) -> str:
         parts.append(_bar(f"step {view.epoch_step}/{spe}", view.epoch_step / spe if spe else 0))
         parts.append(f"<div style='color:{_FG2};margin:4px 0'>{html.escape(view.figures())}</div>")
     steps, losses = view.series.points()
-    loss_lines = [(steps, losses, _COLORS["train"], 0.3, False), (steps, _ema(losses), _COLORS["train"], 1.0, False)]
+    # The smoothed line averages the finite points only: one NaN would make the rest NaN, and the
+    # raw line already marks it.
+    finite_steps = [x for x, y in zip(steps, losses) if math.isfinite(y)]
+    smooth = _ema([y for y in losses if math.isfinite(y)])
+    loss_lines = [(steps, losses, _COLORS["train"], 0.3, False), (finite_steps, smooth, _COLORS["train"], 1.0, False)]
     rows = view.rows()  # as many as the live view draws
     epoch_steps = [r["epoch"] * s.steps_per_epoch for r in rows] if s else []
     dots = len(rows) <= 60  # past that, dots hide the lines
@@ -127,7 +162,7 @@ def snapshot_html(view: _Snapshotted) -> str:
         head = "".join(f"<th style='padding:1px 8px;text-align:right'>{c}</th>" for c in ["epoch", *columns])
         body = "".join(
             "<tr>" + f"<td style='padding:1px 8px;text-align:right'>{int(r['epoch'])}</td>"
-            + "".join(f"<td style='padding:1px 8px;text-align:right'>{r.get(c, math.nan):.4f}</td>" for c in columns)
+            + "".join(f"<td style='padding:1px 8px;text-align:right'>{format_metric(r.get(c))}</td>" for c in columns)
             + "</tr>" for r in view.rows(_TABLE_ROWS))
         parts.append(f"<table class='aiaas-table' style='border-collapse:collapse;font-variant-numeric:tabular-nums;"
                      f"color:{_FG}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")

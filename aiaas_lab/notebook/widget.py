@@ -42,7 +42,7 @@ import traitlets
 
 from ..engine.events import Event, RunEnded, RunStarted, StepEnd
 from .predictions_view import show_predictions
-from .progress import TextProgress, _in_widget_frontend
+from .progress import TextProgress, in_widget_frontend
 from .run_view import LOSS_POINTS, _RunView, _Series  # noqa: F401 - LOSS_POINTS, _Series: imported from here
 
 __all__ = ["TrainingWidget", "make_widget_reporter", "show_predictions"]
@@ -212,7 +212,7 @@ class _HtmlReporter:
 def make_widget_reporter(mode: str = "widget", stop: Any = None) -> Callable[[Event], None]:
     """The live widget ("widget") or the static HTML view ("html"); text outside a kernel, where
     neither can be shown."""
-    if not _in_widget_frontend():
+    if not in_widget_frontend():
         return TextProgress()
     if mode == "html":
         return _HtmlReporter()
