@@ -75,7 +75,7 @@ from .engine.events import Event, RunEnded
 from .engine.job import Hyperparameters, Job, parse_hyperparameters
 from .engine.loop import Outcome, fit, resolve_device
 from .engine.prepare import PreparedRun, prepare
-from .engine.ranks import Rank
+from .engine.ranks import Rank, init_process_group
 from .launch.event_sink import EventSink
 
 __all__ = ["main", "load_job", "run_job"]
@@ -303,7 +303,7 @@ def run_job(job: _Job) -> int:
 
     context: Rank | None = None
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        init_process_group("nccl" if device.type == "cuda" else "gloo")
         rank = dist.get_rank()
         context = Rank(model, device, h.shard)
         _LIVE.append(context)

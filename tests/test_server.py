@@ -116,7 +116,9 @@ def test_a_job_trains_registers_its_model_and_reports_engine_events(aiaas_server
         assert models == [{"name": "digits-mlp", "version": 1, "job_id": job["id"], "created_at": models[0]["created_at"],
                            "task": "classification", "classes": None,
                            "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}],
-                           "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, 10]}]}]
+                           "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, 10]}],
+                           "preprocessing": {"task": "classification", "classes": None, "columns": None,
+                                             "categories": {}, "input_shape": [64], "output_size": 10}}]
 
 
 def test_weights_metadata_and_v2_inference_agree_with_a_local_forward(aiaas_server: ServerProcess,

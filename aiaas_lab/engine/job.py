@@ -216,9 +216,11 @@ def parse_request(raw: Any) -> tuple[JobRequest, Hyperparameters]:
     if unknown:
         raise BadArgument("the request body", "the fields " + ", ".join(JobRequest.__struct_fields__),
                           f"an unknown field {unknown[0]!r}")
+    shapes = {"model": '{"builtin": NAME}, {"export": {"graph": SHA, "weights": SHA}} or {"pickle": SHA}',
+              "data": '{"builtin": NAME} or {"tensors": SHA}'}
     for key in ("model", "data"):
         if not isinstance(raw[key], dict) or not raw[key]:
-            raise BadArgument(key, "an object", _found(raw[key]))
+            raise BadArgument(key, shapes[key], _found(raw[key]))
     val = raw.get("val")
     if isinstance(val, bool) or not (val is None or isinstance(val, (int, float, dict))):
         raise BadArgument("--val", 'null, a fraction or {"tensors": SHA}', _found(val))

@@ -3,11 +3,41 @@
 
 from __future__ import annotations
 
+import datetime
+import os
+import socket
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Rank"]
+__all__ = ["Rank", "init_process_group"]
+
+
+def _loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def init_process_group(backend: str) -> None:
+    """`dist.init_process_group` from torchrun's environment. Where this process itself hosts the
+    rendezvous store on a loopback address (the kernel's own `--workers`, no torchrun agent),
+    the store listens on that address only: torch's TCPStore binds every interface otherwise,
+    so anyone who can reach the machine could join or disrupt the run."""
+    host, port = os.environ.get("MASTER_ADDR", ""), int(os.environ.get("MASTER_PORT", "0") or 0)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if "TORCHELASTIC_RUN_ID" in os.environ or not _loopback(host) or not port:
+        dist.init_process_group(backend)
+        return
+    timeout = datetime.timedelta(seconds=300)
+    if rank == 0:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(512)
+        store = dist.TCPStore("127.0.0.1", port, world, True, timeout, master_listen_fd=sock.detach())
+    else:
+        store = dist.TCPStore("127.0.0.1", port, world, False, timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
 class Rank:

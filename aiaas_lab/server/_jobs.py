@@ -98,6 +98,8 @@ _NUMERIC = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL"
 
 
 def _check_tensors(raw: Any, blobs: Blobs, tenant: str, where: str) -> dict[str, Any]:
+    if not isinstance(raw, dict) or "tensors" not in raw:
+        raise _fail(where, '{"tensors": SHA}' + (", a fraction or null" if where == "val" else ""), raw)
     _only(raw, ("tensors",), where)
     sha = _blob(blobs, tenant, raw["tensors"], f"{where}.tensors")
     path = blobs.find(tenant, sha)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,12 +116,19 @@ class Registry:
             ref = {"export": {"graph": directory / "graph.json", "weights": directory / "init.safetensors"}}
         else:
             ref = {"pickle": directory / "model.pkl"}
+        if "pickle" in ref and not self.allow_code:
+            raise ApiError(400, f"model {row['name']!r} was sent as code (cloudpickle); serving it needs a "
+                                "server started with --allow-code.")
         try:  # the one model loader, as the runner and the worker use it
             module, _ = load_model(ref, allow_code=self.allow_code)
-        except AiaasError:
-            raise ApiError(400, f"model {row['name']!r} was sent as code (cloudpickle); serving it needs a "
-                                "server started with --allow-code.") from None
-        module.load_state_dict(load_file(str(directory / "model.safetensors")))
+            module.load_state_dict(load_file(str(directory / "model.safetensors")))
+        except AiaasError as exc:  # a graph this server refuses now (its limits changed, say)
+            raise ApiError(400, f"model {row['name']!r} cannot be served: {str(exc).splitlines()[0]}") from None
+        except (OSError, RuntimeError) as exc:  # its files are gone or damaged: the reason to the log
+            print(f"aiaas-lab serve: model {row['name']!r} version {row['version']} could not be loaded: {exc!r}",
+                  file=sys.stderr, flush=True)
+            raise ApiError(503, f"model {row['name']!r} version {row['version']} cannot be loaded on this server "
+                                "right now; its operator has the reason in the server's log.") from None
         module.eval()
         for parameter in module.parameters():
             parameter.requires_grad_(False)
