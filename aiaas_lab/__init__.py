@@ -27,7 +27,7 @@ _EXPORTS = {
     "Client": ".client", "AsyncClient": ".client",
 }
 
-__all__ = [*_EXPORTS, "load_ipython_extension", "unload_ipython_extension"]
+__all__ = [*_EXPORTS, "__version__", "load_ipython_extension", "unload_ipython_extension"]
 
 
 def __getattr__(name: str) -> Any:

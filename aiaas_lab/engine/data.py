@@ -141,7 +141,7 @@ def _split_pair(data: Any, target: str | None, loss: str, argument: str,
         if target not in data.columns:
             from .._errors import close_matches
 
-            raise BadArgument("--target", f"a column of the DataFrame", f"{target!r}",
+            raise BadArgument("--target", "a column of the DataFrame", f"{target!r}",
                               close_matches(str(target), map(str, data.columns))
                               or f"Columns: {', '.join(map(str, data.columns[:12]))}.")
         features = data.drop(columns=[target])

@@ -20,12 +20,11 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from .._errors import BadArgument, describe
 from ..engine.data import InMemory
@@ -34,7 +33,7 @@ from ..engine.inputs import Preprocessing
 from ..engine.job import Job
 from ..engine.loop import resolve_device
 from ..engine.prepare import PreparedRun, prepare
-from .handle import RunHandle
+from .handle import RunHandle, StopSignal
 from .local import result_of
 from .result import TrainResult
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,7 @@ from ..engine.inputs import Preprocessing, class_indices
 from ..engine.job import LOCAL_ONLY, Job, check_combination
 from ..engine.models import BUILTIN_MODELS
 from ..engine.prepare import load_model, prepare
-from .handle import RemoteRun, RunHandle, StopSignal
+from .handle import RemoteRun, RunHandle
 from .local import result_of
 from .result import TrainResult, preprocessing_of
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import builtins
 from typing import Any
 
 from IPython.core.error import UsageError

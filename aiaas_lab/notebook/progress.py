@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
-from typing import IO, Any
+from typing import IO
 
 from .._format import format_duration, format_metric, format_rate, history_table
 from ..engine.events import EpochEnd, Event, RunEnded, RunStarted, StepEnd

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..client.client import Client, RemoteError, _normalize_url
 from .._errors import AiaasError, BadArgument
-from .parsing import Parser as _Parser, split_arguments
+from .parsing import Parser as _Parser
 from .._api import attach
 from ..launch.remote import client_for, remember_token
 
