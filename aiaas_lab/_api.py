@@ -124,7 +124,7 @@ def predict(model: Any, data: Any, *, batch_size: int = 1024, classes: bool = Fa
     original labels; `BadArgument` on a regression model."""
     parse_hyperparameters({"batch_size": batch_size})
     if backend is not None:
-        from .launch.remote import predict_remote
+        from .launch.remote_predict import predict_remote
 
         return predict_remote(model, data, batch_size=batch_size, classes=classes, backend=backend, token=token)
     import torch

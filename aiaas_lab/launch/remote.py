@@ -18,26 +18,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._errors import AiaasError, BadArgument, close_matches, describe
+from .._errors import AiaasError, BadArgument, close_matches
 from ..client.client import Blob, Client, ModelWeights, RemoteError, _normalize_url
 from ..engine.data import InMemory
-from ..engine.datasets import BUILTIN_DATASETS, load_builtin_dataset
+from ..engine.datasets import BUILTIN_DATASETS
 from ..engine.events import EpochEnd, Event, RunEnded, RunStarted
-from ..engine.inputs import Preprocessing, class_indices
+from ..engine.inputs import Preprocessing
 from ..engine.job import LOCAL_ONLY, Job, check_combination
 from ..engine.models import BUILTIN_MODELS
 from ..engine.prepare import load_model, prepare
 from .handle import RemoteRun, RunHandle
 from .local import result_of
-from .result import TrainResult, preprocessing_of
+from .result import TrainResult
 
-__all__ = ["run_remote", "predict_remote", "follow_job", "RemoteRun", "client_for", "remember_token"]
+__all__ = ["run_remote", "follow_job", "RemoteRun", "client_for", "remember_token", "SERVER_MODELS"]
 
 # Tokens given to `%aiaas connect`, by server URL: in memory only, never written anywhere.
 _TOKENS: dict[str, str] = {}
 # Modules trained remotely -> (server URL, model name, version), so `predict(net, backend=URL)` asks
 # the server for exactly the version that was trained.
-_SERVER_MODELS: weakref.WeakKeyDictionary[nn.Module, tuple[str, str, int | None]] = weakref.WeakKeyDictionary()
+SERVER_MODELS: weakref.WeakKeyDictionary[nn.Module, tuple[str, str, int | None]] = weakref.WeakKeyDictionary()
 _STATUS = {"succeeded": "completed", "cancelled": "stopped", "failed": "failed"}
 
 
@@ -325,7 +325,7 @@ class _Follower:
             info = weights.info
             module = self._load(weights, model_name)
             if module is not None:
-                _SERVER_MODELS[module] = (self.client.url, model_name, version)
+                SERVER_MODELS[module] = (self.client.url, model_name, version)
         preprocessing = Preprocessing.from_dict(info) if info else self._preprocessing
         if preprocessing is not None and self._preprocessing is not None and info:
             # The server saw encoded tensors; the names of columns and labels are this side's.
@@ -358,93 +358,3 @@ class _Follower:
             raise AiaasError(f"MODEL: the trained weights of {name!r} do not fit the local "
                              f"{type(module).__name__}: {_first_line(exc)}") from None
         return module
-
-
-# -- prediction ---------------------------------------------------------------------------
-
-def _server_model(model: Any, url: str) -> tuple[str, int | None]:
-    if isinstance(model, TrainResult):
-        if model.model_name is None:
-            raise BadArgument("MODEL", "a server model's name or a model trained with --backend",
-                              "a TrainResult of local training", "Predict without --backend to use it here.")
-        known = _SERVER_MODELS.get(model.model) if model.model is not None else None
-        return model.model_name, known[2] if known and known[1] == model.model_name else None
-    if isinstance(model, str):
-        return model, None
-    if isinstance(model, nn.Module):
-        known = _SERVER_MODELS.get(model)
-        if known is None:
-            raise BadArgument("MODEL", "a server model's name or a model trained with --backend",
-                              f"a {type(model).__name__} trained locally", "Predict without --backend to use it here.")
-        if known[0] != url:
-            raise BadArgument("MODEL", f"a model on {url}", f"a {type(model).__name__} trained on {known[0]}")
-        return known[1], known[2]
-    raise BadArgument("MODEL", "a server model's name, a TrainResult or an nn.Module trained with --backend",
-                      describe(model))
-
-
-def _raw(data: Any) -> Any:
-    if isinstance(data, (tuple, list)) and len(data) == 2 and hasattr(data[0], "shape"):
-        data = data[0]  # (X, y): predict on X
-    if isinstance(data, str):
-        if data.replace("_", "-") not in BUILTIN_DATASETS:
-            raise BadArgument("--data", f"features or a built-in data set ({', '.join(BUILTIN_DATASETS)})", repr(data))
-        data = load_builtin_dataset(data.replace("_", "-"))[0]
-    return data
-
-
-def _server_preprocessing(client: Client, name: str, version: int | None) -> Preprocessing | None:
-    """What the server recorded of a model's inputs; None from servers that are not aiaas-lab."""
-    try:
-        entries = [m for m in client.models() if m["name"] == name]
-    except AiaasError:  # MLServer, Triton: no /v1/models
-        return None
-    entry = next((m for m in entries if version is None or m.get("version") == version), None)
-    if entry is None or not entry.get("preprocessing"):
-        return None
-    return Preprocessing.from_dict(entry["preprocessing"])
-
-
-def predict_remote(model: Any, data: Any, *, batch_size: int = 1024, classes: bool = False, backend: str,
-                   token: str | None = None) -> Any:
-    """Run a model served at `backend` over the V2 inference protocol (so also MLServer or Triton).
-    DataFrames are encoded here as in training; the server applies the model's normalizer."""
-    url = _normalize_url(backend)
-    name, version = _server_model(model, url)
-    data = _raw(data)
-    with client_for(url, token) as client:
-        prep = preprocessing_of(model) if not isinstance(model, str) else None
-        if prep is None:
-            prep = _server_preprocessing(client, name, version)
-        encoder = None if prep is None else Preprocessing(**{**prep.__dict__, "normalizer": None})
-        X = encoder.features(data) if encoder is not None else _plain_features(data)
-        try:
-            out = torch.cat([client.infer(name, X[i:i + int(batch_size)], version=version)
-                             for i in range(0, X.shape[0], int(batch_size))])
-        except RemoteError as exc:
-            if exc.status != 404:
-                raise
-            raise BadArgument("MODEL", f"a model served at {url}", f"{name!r}, which it does not have",
-                              _known_models(client, name)) from None
-    if classes:
-        return prep.labels(out) if prep is not None else class_indices(out)
-    return out
-
-
-def _plain_features(data: Any) -> torch.Tensor:
-    from ..engine.inputs import to_features
-
-    X = to_features(data)
-    if X.shape[0] == 0:
-        raise BadArgument("--data", "at least one row", "an empty input (0 rows)")
-    return X
-
-
-def _known_models(client: Client, name: str) -> str:
-    try:
-        names = sorted({m["name"] for m in client.models()})
-    except AiaasError:  # not an aiaas-lab server (MLServer, Triton): no /v1/models to list
-        return ""
-    if not names:
-        return "The server has no models yet."
-    return (close_matches(name, names) + f" Models there: {', '.join(names[:20])}.").strip()
