@@ -57,21 +57,30 @@ def _features(data: Any) -> Any:
     return X.reshape(X.shape[0], -1)
 
 
+def _label(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _predictions_view(data: Any, outputs: Any, classes: bool) -> tuple[str, str]:
     import torch
 
-    out = torch.as_tensor(outputs).detach().cpu()
-    n = out.shape[0]
-    if classes or out.ndim == 1:
-        labels = out.reshape(n, -1)[:, 0]
-        columns, cells = ["predicted"], [[f"{labels[i].item():g}"] for i in range(min(n, _MAX_ROWS))]
+    out = None if classes else torch.as_tensor(outputs).detach().cpu()
+    if out is None or out.ndim == 1:
+        # Labels in the training targets' own values: indices (a tensor) or the original labels
+        # (a NumPy array, strings included).
+        labels = [v.item() if hasattr(v, "item") else v for v in list(outputs)]
+        n = len(labels)
+        columns, cells = ["predicted"], [[_label(labels[i])] for i in range(min(n, _MAX_ROWS))]
         probs = None
     elif out.ndim == 2 and out.shape[1] > 1:
+        n = out.shape[0]
         probs = torch.softmax(out.float(), dim=1)
-        p, labels = probs.max(dim=1)
+        p, indices = probs.max(dim=1)
+        labels = indices.tolist()
         columns = ["predicted", "probability"]
-        cells = [[str(int(labels[i])), f"{p[i].item():.3f}"] for i in range(min(n, _MAX_ROWS))]
+        cells = [[str(labels[i]), f"{p[i].item():.3f}"] for i in range(min(n, _MAX_ROWS))]
     else:  # regression: the values themselves
+        n = out.shape[0]
         flat = out.reshape(n, -1)
         columns = [f"value {j}" for j in range(flat.shape[1])][:6] if flat.shape[1] > 1 else ["value"]
         cells = [[f"{v:.4g}" for v in flat[i, :6].tolist()] for i in range(min(n, _MAX_ROWS))]
@@ -94,7 +103,7 @@ def _predictions_view(data: Any, outputs: Any, classes: bool) -> tuple[str, str]
         if side:
             thumbs = []
             for i in range(min(n, _MAX_THUMBS)):
-                caption = str(int(labels[i])) + (f" ({probs[i].max().item():.0%})" if probs is not None else "")
+                caption = _label(labels[i]) + (f" ({probs[i].max().item():.0%})" if probs is not None else "")
                 thumbs.append(f"<figure style='margin:0;text-align:center'><img src='{_png(X[i].tolist(), side)}' "
                               f"width='56' height='56' style='image-rendering:pixelated;border:1px solid {_BORDER}' "
                               f"alt='row {i}'/><figcaption>{html.escape(caption)}</figcaption></figure>")
