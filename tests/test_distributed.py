@@ -382,9 +382,13 @@ def test_kernel_interrupt_stops_every_worker(kernel):
         done["out"] = kernel.run("r = %aiaas train mlp --data X, y --epochs 500 --workers 2 --no-widget --seed 0\n"
                                  "print('status', r.status, r.reason)", timeout=180, on_message=on_message)
 
+    kernel.check("import psutil\nfrom sklearn.datasets import load_digits\nX, y = load_digits(return_X_y=True)")
     thread = threading.Thread(target=run)
     thread.start()
-    assert stepping.wait(120), "training never reported a step"
+    deadline = time.monotonic() + 120
+    while not stepping.wait(0.2):
+        assert thread.is_alive(), f"the cell ended before training reported a step: {done.get('out')}"
+        assert time.monotonic() < deadline, "training never reported a step"
     assert any("aiaas_lab.worker" in " ".join(p.cmdline()) for p in _kernel_children(kernel))
     kernel.interrupt()
     thread.join(timeout=120)
