@@ -339,9 +339,11 @@ def test_a_bad_job_is_one_paragraph_and_status_2(tmp_path):
                           timeout=60, check=False)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        ("aiaas_lab.worker: config: expected TrainConfig fields (batch_size, checkpoint, clip, device, epochs, "
-         "grad_accum, log_every, loss, lr, momentum, optimizer, patience, resume, seed, weight_decay), but found "
-         "'batch_sise'. Did you mean 'batch_size'?")]
+        # The job schema's own words, as train() and the server say them.
+        ("aiaas_lab.worker: --batch-sise: expected a known option (--epochs, --batch-size, --lr, --optimizer, "
+         "--momentum, --loss, --weight-decay, --grad-accum, --clip, --patience, --seed, --device, --normalize, "
+         "--workers, --shard, --threads, --checkpoint, --resume, --log-every), but found an unknown one. "
+         "Did you mean '--batch-size'?")]
 
 
 # -- the magic in a real kernel -------------------------------------------------------------------

@@ -74,6 +74,7 @@ class RunHandle:
         self.job_id: str | None = None  # set by the remote launcher
         self.client: Any = None  # the remote launcher's client, while it follows the job
         self.where = ""  # "on URL" for a server job
+        self._notes: list[str] | None = None  # held for the caller while the run starts on a thread
 
     @property
     def stop_signal(self) -> StopSignal:
@@ -126,6 +127,15 @@ class RunHandle:
                     self.subscriber_error = f"the callback {name} raised {type(exc).__name__}: {exc}"
                     self._stop.request(self.subscriber_error)
 
+    def say(self, text: str) -> None:
+        """A line for the person who started the run (which server took the job, how the model
+        travelled). From a background thread it is printed by the caller's thread, in the cell
+        that started the run, once the run is under way."""
+        if self._notes is None:
+            print(text)
+        else:
+            self._notes.append(text)
+
     def accepted(self) -> None:
         """The run was checked and handed over (a server queued it): a background caller may
         return now, while the run waits for its first step elsewhere."""
@@ -149,8 +159,12 @@ class RunHandle:
             except BaseException as exc:  # reported to the caller (before the start) or by .wait()
                 self.finish(error=exc)
 
+        self._notes = []
         threading.Thread(target=work, name=name, daemon=True).start()
         self._started.wait()
+        notes, self._notes = self._notes, None
+        for note in notes:
+            print(note)
         if self._error is not None and not self.events and self.job_id is None:
             raise self._error
         return self

@@ -203,16 +203,30 @@ def _failure(codes: dict[int, int], directory: Path) -> str:
                      for rank in sorted(codes, key=last_write) if codes[rank])
 
 
+def _agreed(codes: dict[int, int], directory: Path, outcome: dict[str, Any]) -> bool:
+    """Every rank that failed did so for the reason rank 0 reported (a loss that stopped being
+    finite ends all ranks at the same step, each exiting 1): that reason stands alone."""
+    error = outcome.get("error")
+    if outcome.get("status") != "failed" or not error:
+        return False
+    failed = [rank for rank, code in codes.items() if code]
+    return all(codes[rank] == 1 and _last_line(rank, directory / f"rank{rank}.log") == error for rank in failed)
+
+
+def _last_line(rank: int, log: Path) -> str:
+    try:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1].removeprefix(f"aiaas_lab.worker: rank {rank}: ").removeprefix("aiaas_lab.worker: ") if lines else ""
+
+
 def _describe_exit(rank: int, code: int, log: Path) -> str:
     if code < 0:
         name = signal.Signals(-code).name
         cause = " (out of memory, or killed by another process)" if -code == signal.SIGKILL else ""
         return f"worker {rank} was killed by {name}{cause}"
-    try:
-        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        lines = []
-    last = lines[-1].removeprefix(f"aiaas_lab.worker: rank {rank}: ").removeprefix("aiaas_lab.worker: ") if lines else ""
+    last = _last_line(rank, log)
     return f"worker {rank} exited with status {code}" + (f": {last}" if last else "")
 
 
@@ -294,9 +308,9 @@ def _follow_workers(procs: list[subprocess.Popen[bytes]], directory: Path, emit:
         with safe_open(str(output), framework="pt") as f:
             outcome.update(json.loads((f.metadata() or {})["aiaas.outcome"]))
         weights = load_file(str(output))
-    if failure and not (output.exists() and outcome["status"] == "failed" and outcome["error"]):
-        # A worker that reported its own failure exits 1 by design: its reason stands. Anything
-        # else (a crash, a kill, a success with a dead peer) fails the run with the exits.
+    if failure and not _agreed(exits, directory, outcome):
+        # A crash, a kill, a success with a dead peer, or ranks that failed differently: the
+        # exits tell it, cause first.
         outcome["status"], outcome["error"] = "failed", failure
     elif outcome["error"] is None and outcome["status"] == "failed":
         outcome["error"] = "the workers ended without a result"

@@ -215,7 +215,7 @@ def run_remote(job: Job, run: RunHandle, *, backend: str, token: str | None = No
         client.close()
         raise
     if not quiet:
-        print(submission.summary)
+        run.say(submission.summary)
     return _Follower(client, submission.job["id"], run, module=submission.module,
                      preprocessing=submission.preprocessing).follow()
 
