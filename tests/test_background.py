@@ -54,9 +54,17 @@ def test_background_errors_before_the_first_step_raise_in_the_cell(own_kernel):
 
 def test_interrupt_while_waiting_stops_the_run_and_returns_its_result(own_kernel):
     own_kernel.check("h = %aiaas train mlp --data digits --epochs 3000 --seed 0 --threads 1 --background --no-widget")
-    msg_id = own_kernel.client.execute("print('waiting', flush=True)\nres = h.wait()\nres.status, res.reason")
-    # Interrupt only once the cell is about to wait (the next statement): earlier, an idle kernel
-    # would drop the interrupt and the cell would wait for 3000 epochs.
+    # Interrupt only once the cell is waiting with the run's Ctrl-C handler in place: earlier, the
+    # interrupt is an ordinary KeyboardInterrupt in the cell (or dropped by an idle kernel). A thread
+    # of the cell watches for that handler and says so.
+    msg_id = own_kernel.client.execute(
+        "import signal, threading\n"
+        "def _tell(end=time.monotonic() + 60):\n"
+        "    while signal.getsignal(signal.SIGINT) is signal.default_int_handler and time.monotonic() < end:\n"
+        "        time.sleep(0.01)\n"
+        "    print('waiting', flush=True)\n"
+        "threading.Thread(target=_tell, daemon=True).start()\n"
+        "res = h.wait()\nres.status, res.reason")
     deadline = time.monotonic() + 60
     waiting = False
     while not waiting:
@@ -69,7 +77,7 @@ def test_interrupt_while_waiting_stops_the_run_and_returns_its_result(own_kernel
                    and "waiting" in msg["content"]["text"])
     own_kernel.manager.interrupt_kernel()
     out = own_kernel.check("res.status, res.reason, h.status", timeout=60)
-    assert out.text == "('stopped', 'interrupted', 'stopped')", out.text
+    assert out.text == "('stopped', 'interrupted', 'stopped')", out
 
 
 def test_python_api_background_handle():
