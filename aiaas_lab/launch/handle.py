@@ -19,19 +19,9 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ..engine.events import Event, RunEnded, RunStarted
+from ..engine.stop import StopSignal
 
 __all__ = ["StopSignal", "RunHandle", "BackgroundRun", "RemoteRun", "interrupt_stops"]
-
-
-class StopSignal(threading.Event):
-    """A stop request the loop checks between steps; `reason` says who asked."""
-
-    reason = ""
-
-    def request(self, reason: str = "stop requested") -> None:
-        if not self.is_set():
-            self.reason = reason
-        self.set()
 
 
 @contextlib.contextmanager

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     channel = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # a print() in user code must never corrupt the protocol
 
-    from ..launch.handle import StopSignal
+    from ..engine.stop import StopSignal
 
     class _Stop(StopSignal):
         def is_set(self) -> bool:
