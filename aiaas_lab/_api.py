@@ -8,13 +8,12 @@ thread. Every launcher reports through the same run handle and ends with the sam
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from ._errors import AiaasError, BadArgument, describe
 from .engine.events import Event
-from .engine.job import Job, parse_hyperparameters
+from .engine.job import Job, check_name, parse_hyperparameters, seeded
 from .launch.handle import BackgroundRun, RemoteRun, RunHandle, StopSignal, interrupt_stops
 from .launch.result import TrainResult, preprocessing_of
 
@@ -69,10 +68,13 @@ def train(
         weight_decay=weight_decay, grad_accum=grad_accum, clip=clip, patience=patience, seed=seed,
         device=device, normalize=normalize, workers=workers, shard=shard, threads=threads,
         checkpoint=checkpoint, resume=resume, log_every=log_every))
-    if h.seed is None:  # drawn once here, so every rank and a resumed run use the same one
-        import msgspec
+    check_name(name)
+    if h.seed is None and h.resume and backend is None:
+        # A resumed run continues with the seed it started with (its shuffles, its split).
+        from .engine.checkpoint import read_state
 
-        h = msgspec.structs.replace(h, seed=random.SystemRandom().randrange(2**31 - 1))
+        h = seeded(h, (read_state(h.checkpoint) or {}).get("seed"))
+    h = seeded(h)  # fixed once here: every rank and launcher shuffle alike, and it is recorded
     job = Job(model=model, data=data, hyperparameters=h, val=val, target=target, name=name)
     stop = stop or StopSignal()
     from .notebook.reporters import make_reporter
@@ -84,16 +86,16 @@ def train(
     kind = RemoteRun if backend is not None else BackgroundRun if background else RunHandle
     run = kind(stop, subscribers)
     launch = _launcher(job, run, backend=backend, token=token, quiet=progress is False)
-    if background:
-        try:
+    try:
+        if background:
             return run.run_in_thread(launch, name="aiaas-background-training")
-        except BaseException:
-            close = getattr(reporter, "close", None)
-            if close is not None:  # failed before the first step: drop the empty view
-                close()
-            raise
-    with interrupt_stops(stop):
-        result = launch()
+        with interrupt_stops(stop):
+            result = launch()
+    except BaseException:
+        close = getattr(reporter, "close", None)
+        if close is not None and not run.events:  # failed before the first step: drop the empty view
+            close()
+        raise
     run.finish(result)
     return run.result
 

@@ -72,7 +72,7 @@ import torch.distributed as dist
 
 from ._errors import AiaasError, BadArgument, close_matches, describe
 from .engine.events import Event, RunEnded
-from .engine.job import Hyperparameters, Job, parse_hyperparameters
+from .engine.job import Hyperparameters, Job, parse_hyperparameters, seeded
 from .engine.loop import Outcome, fit, resolve_device
 from .engine.prepare import PreparedRun, prepare
 from .engine.ranks import Rank, init_process_group
@@ -150,6 +150,12 @@ def load_job(path: str | os.PathLike[str]) -> _Job:
         val = _data(val, "val", file)
 
     options = dict(raw.get("hyperparameters") or raw.get("config") or {})
+    if "hyperparameters" not in raw and options.get("optimizer", "adam") != "sgd":
+        # The earlier format wrote every TrainConfig field, momentum 0.9 included, for any
+        # optimizer, and AdamW treated a weight decay of 0 as its default 0.01.
+        options.pop("momentum", None)
+        if options.get("optimizer") == "adamw" and not options.get("weight_decay"):
+            options.pop("weight_decay", None)
     for key in ("normalize", "shard", "threads"):  # top-level in the earlier format
         if key in raw:
             options.setdefault(key, raw[key])
@@ -177,9 +183,9 @@ def load_job(path: str | os.PathLike[str]) -> _Job:
 
 
 def replace_struct(h: Hyperparameters, **changes: Any) -> Hyperparameters:
-    import msgspec
+    from .engine.job import replace as replace_options
 
-    return msgspec.structs.replace(h, **changes)
+    return replace_options(h, **changes)
 
 
 def _data(value: Any, argument: str, file: Any) -> Any:
@@ -289,13 +295,24 @@ def run_job(job: _Job) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda s, f: stop.request(f"cancelled ({signal.Signals(s).name})"))
 
-    prepared = _prepare(job)
-    model, cfg = prepared.module, prepared.config
-    device = resolve_device(cfg.device)
+    device = resolve_device(h.device)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    cfg = replace(cfg, device=str(device))
+    if world > 1:
+        init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank = dist.get_rank()
+    if h.seed is None:
+        # Every rank must shuffle and split alike: rank 0 fixes the seed (the checkpoint's, when
+        # resuming one) and the others take it from there.
+        from .engine.checkpoint import read_state
+
+        chosen = [seeded(h, (read_state(h.checkpoint) or {}).get("seed") if h.resume else None).seed]
+        if world > 1:
+            dist.broadcast_object_list(chosen, src=0)
+        job = replace(job, job=replace(job.job, hyperparameters=replace_struct(h, seed=chosen[0])))
+    prepared = _prepare(job)
+    model, cfg = prepared.module, replace(prepared.config, device=str(device))
     model.to(device)
     info = prepared.model_info()
     if job.preprocessing:  # the launcher's view of the raw inputs (it prepared the tensors sent here)
@@ -303,8 +320,6 @@ def run_job(job: _Job) -> int:
 
     context: Rank | None = None
     if world > 1:
-        init_process_group("nccl" if device.type == "cuda" else "gloo")
-        rank = dist.get_rank()
         context = Rank(model, device, h.shard)
         _LIVE.append(context)
     sink = EventSink(job.events_file, job.events_url, job.events_token) if rank == 0 else None
@@ -335,7 +350,7 @@ def run_job(job: _Job) -> int:
     if outcome.status == "failed":  # the last line is the error, for whoever reads the log
         print(f"aiaas_lab.worker: rank {rank}: {outcome.error}", file=sys.stderr, flush=True)
         return 1
-    print(f"aiaas_lab.worker: rank {rank}: {outcome.status} after {outcome.steps} steps"
+    print(f"aiaas_lab.worker: rank {rank}: {outcome.status} after {outcome.steps} steps with seed {cfg.seed}"
           + (f" ({outcome.reason})" if outcome.reason else ""), file=sys.stderr, flush=True)
     return 0
 

@@ -26,7 +26,9 @@ class ShardProbe(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
+        # The first training step: the preparation's check of the model (in eval mode, before the
+        # model is wrapped for the ranks) is not what a rank keeps between steps.
+        if self.training and dist.is_available() and dist.is_initialized():
             path = Path(self.record_dir) / f"rank{dist.get_rank()}.json"
             if not path.exists():  # the first step only; the kernel side never records
                 from torch.distributed.tensor import DTensor

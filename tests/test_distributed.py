@@ -292,7 +292,7 @@ def test_stop_file_stops_all_ranks_at_the_same_step_and_events_reach_a_url(tmp_p
     last_lines = [log.read_text().strip().splitlines()[-1] for log in logs]
     steps = [int(line.split(" after ")[1].split()[0]) for line in last_lines]
     assert steps[0] == steps[1] and steps[0] > 0, last_lines  # every rank stopped at the same step
-    assert last_lines[0] == f"aiaas_lab.worker: rank 0: stopped after {steps[0]} steps (cancelled by the operator)"
+    assert last_lines[0] == f"aiaas_lab.worker: rank 0: stopped after {steps[0]} steps with seed 0 (cancelled by the operator)"
     events = read_events(tmp_path / "events.jsonl")
     assert events[-1]["type"] == "run_ended" and events[-1]["status"] == "stopped"
     assert events[-1]["steps"] == steps[0]

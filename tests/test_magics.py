@@ -112,7 +112,7 @@ def test_help(k):
     ("%aiaas train net --data (X, y[:10])", ["X with 1797 rows and y with 10"]),
     ("%aiaas train net --data (X, y) --optimizer sgdd", ["--optimizer", "Did you mean 'sgd'"]),
     ("%aiaas train net --data (X, y) --epochs 0", ["--epochs", "positive whole number"]),
-    ("%aiaas train net --data (X, y) --epochs two", ["--epochs", "invalid int value: 'two'"]),
+    ("%aiaas train net --data (X, y) --epochs two", ["--epochs", "positive whole number", "'two'"]),  # train()'s own words
     ("%aiaas train net --data (np.where(X > 8, np.nan, X), y)", ["--data", "NaN"]),
     ("%aiaas train net", ["--data"]),
     ("%aiaas trian net --data (X, y)", ["unknown command 'trian'", "Did you mean 'train'"]),

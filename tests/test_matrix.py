@@ -141,6 +141,16 @@ def test_bad_options_get_the_same_message_on_every_launcher(server, options, wor
         assert word in message, (word, message)
 
 
+def test_normalize_on_a_dataset_is_refused_alike_on_every_launcher(server):
+    dataset = torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    messages = set()
+    for where in LAUNCHERS:
+        with pytest.raises(BadArgument) as info:
+            launch(where, server, "mlp", dataset, normalize=True)
+        messages.add(str(info.value))
+    assert len(messages) == 1 and messages.pop().startswith("--normalize: expected in-memory data"), messages
+
+
 def test_the_server_answers_a_bad_option_with_the_same_words_as_train(server):
     with pytest.raises(BadArgument) as info:
         aiaas_lab.train("mlp", "digits", weight_decay=-1, progress=False)

@@ -133,6 +133,7 @@ JOB = {"model": {"builtin": "mlp"}, "data": {"builtin": "digits"}, "hyperparamet
     (json.dumps({**JOB, "model": "mlp"}).encode(), ["model", "builtin"]),
     (json.dumps({**JOB, "model": {"builtin": "mlp", "config": {"hidden": [0]}}}).encode(), ["model.config.hidden"]),
     (json.dumps({**JOB, "model": {"builtin": "cnn", "config": {"hidden": [8]}}}).encode(), ["only the mlp"]),
+    (json.dumps({**JOB, "model": {"builtin": "mlp", "config": {"input_shape": 5}}}).encode(), ["model.config.input_shape", "5"]),
     (json.dumps({**JOB, "data": {"builtin": "mnist"}}).encode(), ["data.builtin", "digits"]),
     (json.dumps({**JOB, "data": {"tensors": "0" * 64}}).encode(), ["data.tensors", "has not been uploaded"]),
     (json.dumps({**JOB, "data": {"tensors": "xyz"}}).encode(), ["64 hex digits"]),

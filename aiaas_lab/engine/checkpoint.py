@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-__all__ = ["CHECKPOINT_FILE", "save_checkpoint", "load_checkpoint", "state_dict_to_safetensors",
+__all__ = ["CHECKPOINT_FILE", "save_checkpoint", "load_checkpoint", "read_state", "check_resumable", "state_dict_to_safetensors",
            "save_trained_model"]
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -38,10 +38,14 @@ def state_dict_to_safetensors(state: dict[str, torch.Tensor], prefix: str = "") 
 
 
 def save_checkpoint(directory: str | os.PathLike[str], model: nn.Module,
-                    optimizer: torch.optim.Optimizer | None, state: dict[str, Any]) -> Path:
+                    optimizer: torch.optim.Optimizer | None, state: dict[str, Any],
+                    extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """`extra` tensors (the random generator's state, the best weights so far) come back from
+    `load_checkpoint` in its state's "tensors"."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = state_dict_to_safetensors(model.state_dict(), "model.")
+    tensors.update(state_dict_to_safetensors(extra or {}, "extra."))
     optim_meta: dict[str, Any] = {}
     if optimizer is not None:
         opt_state = optimizer.state_dict()
@@ -82,7 +86,48 @@ def load_checkpoint(directory: str | os.PathLike[str], model: nn.Module,
         for index, values in optim_meta.get("scalars", {}).items():
             state.setdefault(int(index), {}).update(values)
         optimizer.load_state_dict({"state": state, "param_groups": optim_meta["param_groups"]})
-    return json.loads(metadata.get("aiaas.state", "{}"))
+    saved = json.loads(metadata.get("aiaas.state", "{}"))
+    saved["tensors"] = {k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")}
+    return saved
+
+
+def read_state(directory: str | os.PathLike[str] | None) -> dict[str, Any] | None:
+    """The run state of the checkpoint in `directory` (no tensors read), or None without one."""
+    if not directory:
+        return None
+    path = Path(directory) / CHECKPOINT_FILE
+    if not path.exists():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        state = json.loads((f.metadata() or {}).get("aiaas.state", "{}"))
+        state["shapes"] = {k.removeprefix("model."): list(f.get_slice(k).get_shape()) for k in f.keys()
+                           if k.startswith("model.")}
+    return state
+
+
+def check_resumable(directory: str | os.PathLike[str], model: nn.Module, preprocessing: dict[str, Any] | None) -> None:
+    """Refuse, in one clear sentence, to resume a checkpoint into another model or onto data
+    encoded another way (other columns, categories or labels): it would train on nonsense, or
+    fail deep inside with a size mismatch."""
+    from .._errors import BadArgument
+
+    state = read_state(directory)
+    if state is None:
+        return
+    where = str(Path(directory) / CHECKPOINT_FILE)
+    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+    if state["shapes"] != expected:
+        differing = sorted(k for k in set(state["shapes"]) | set(expected) if state["shapes"].get(k) != expected.get(k))
+        raise BadArgument("--resume", f"a checkpoint of this model ({where})",
+                          f"one whose weights differ in {', '.join(differing[:4])}",
+                          "Resume with the model and data the checkpoint was trained on, or use another --checkpoint DIR.")
+    saved = state.get("preprocessing") or {}
+    for key in ("classes", "columns", "categories"):
+        if preprocessing is not None and key in saved and (saved.get(key) or None) != (preprocessing.get(key) or None):
+            raise BadArgument("--resume", f"data encoded as the checkpoint's was (the same {key})",
+                              f"data with other {key}", "Resume on the data the run started with.")
 
 
 def save_trained_model(path: str | os.PathLike[str], weights: dict[str, torch.Tensor], info: dict[str, Any],

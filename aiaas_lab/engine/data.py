@@ -18,7 +18,7 @@ from .datasets import BUILTIN_DATASETS, load_builtin_dataset
 from .._errors import BadArgument, describe
 from .inputs import Normalizer, Preprocessing, encode_frame, fit_categories, is_pandas, to_features
 
-__all__ = ["InMemory", "Prepared", "Normalizer", "prepare_data", "to_features"]
+__all__ = ["InMemory", "Prepared", "Normalizer", "prepare_data", "to_features", "check_normalizable"]
 
 Task = Literal["classification", "regression"]
 
@@ -69,6 +69,15 @@ def _to_targets(obj: Any, loss: str) -> tuple[torch.Tensor, list[Any] | None]:
         else:
             arr = np.asarray(obj)
         labels = None
+        if arr.dtype.kind == "O":
+            import pandas as pd
+
+            missing = pd.isna(arr)
+            if missing.any():  # "nan" or "None" must not become a class of its own
+                first = int(missing.nonzero()[0][0])
+                raise BadArgument("--target", "a label for every sample",
+                                  f"{int(missing.sum())} missing label{'s' if missing.sum() > 1 else ''} "
+                                  f"(first at row {first})", "Drop or impute them first, e.g. df.dropna().")
         if arr.dtype.kind in "OUSb" and arr.dtype.kind != "b":
             if loss == "mse":
                 raise BadArgument("--target", "numbers for regression (--loss mse)",
@@ -80,7 +89,7 @@ def _to_targets(obj: Any, loss: str) -> tuple[torch.Tensor, list[Any] | None]:
                 raise BadArgument("--target", "labels of one kind", f"mixed values in {describe(obj)}") from None
             labels = uniques.tolist()
             arr = codes.reshape(arr.shape)
-        y = torch.from_numpy(np.ascontiguousarray(arr))
+        y = torch.from_numpy(np.array(arr, copy=not arr.flags.writeable, order="C"))  # pandas may hand out read-only arrays
     if y.dtype == torch.bool:
         y = y.to(torch.int64)
     if loss == "cross_entropy" and y.is_floating_point():
@@ -215,6 +224,7 @@ def prepare_data(
         data = load_builtin_dataset(data, seed)
 
     if isinstance(data, (DataLoader, Dataset)):
+        check_normalizable(data, normalize)
         return _prepare_loaders(data, val, loss, batch_size, seed)
 
     X, y, labels, frame = _split_pair(data, target, loss, "--data")
@@ -270,6 +280,14 @@ def prepare_data(
                     input_shape=tuple(X.shape[1:]), output_size=output_size, classes=labels,
                     normalizer=normalizer, columns=frame.columns if frame else None,
                     categories=frame.categories if frame else {})
+
+
+def check_normalizable(data: Any, normalize: bool) -> None:
+    """--normalize fits statistics on in-memory training rows; a Dataset is read lazily, item by
+    item, and is used as given. Refused alike on every launcher."""
+    if normalize and isinstance(data, (DataLoader, Dataset)):
+        raise BadArgument("--normalize", "in-memory data (tensors, arrays, a DataFrame) to fit the statistics on",
+                          describe(data), "Normalise inside the Dataset, or pass the tensors themselves.")
 
 
 def _prepare_loaders(data: DataLoader | Dataset, val: Any, loss: str, batch_size: int, seed: int) -> Prepared:

@@ -154,7 +154,8 @@ class Preprocessing:
         """Raw inputs (what training was given, any subset of rows) as the model's input tensor,
         normalisation included."""
         if self.columns is not None and is_pandas(data, "Series"):
-            data = data.to_frame().T  # one row, as df.iloc[0] gives it
+            # A column (df["income"], for a one-feature model) or one row (df.iloc[0]).
+            data = data.to_frame() if str(data.name) in self.columns else data.to_frame().T
         if self.columns is not None and is_pandas(data, "DataFrame"):
             X = encode_frame(data, self.columns, self.categories, argument)
         else:

@@ -25,7 +25,8 @@ import msgspec
 from .._errors import BadArgument, close_matches
 
 __all__ = ["Hyperparameters", "JobRequest", "Job", "parse_hyperparameters", "parse_request", "OPTIMIZERS",
-           "LOSSES", "DEVICES", "DEFAULT_LR", "MAX_WORKERS", "LOCAL_ONLY", "option_name"]
+           "LOSSES", "DEVICES", "DEFAULT_LR", "MAX_WORKERS", "LOCAL_ONLY", "NAME_PATTERN", "option_name", "seeded",
+           "replace", "check_name"]
 
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}
 DEFAULT_MOMENTUM = 0.9  # sgd only; what most recipes use, and what this tool always used
@@ -35,6 +36,7 @@ LOSSES = ("auto", "cross_entropy", "mse")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 MAX_WORKERS = 16  # processes one job may start on one machine
 _MAX_INT = 2**31 - 1
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a model name, safe in a URL path
 
 Count = Annotated[int, msgspec.Meta(ge=1, le=_MAX_INT)]
 Positive = Annotated[float, msgspec.Meta(gt=0)]
@@ -60,7 +62,7 @@ class Hyperparameters(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
     workers: Annotated[int, msgspec.Meta(ge=1, le=MAX_WORKERS)] = 1
     shard: bool = False
     threads: Count | None = None
-    checkpoint: str | None = None
+    checkpoint: Annotated[str, msgspec.Meta(min_length=1)] | None = None
     resume: bool = False
     log_every: Count | None = None  # optimizer steps per progress event; None: about 50 an epoch
 
@@ -72,11 +74,33 @@ class Hyperparameters(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
             momentum=(self.momentum if self.momentum is not None else DEFAULT_MOMENTUM)
             if self.optimizer == "sgd" else None,
             weight_decay=self.weight_decay if self.weight_decay is not None else DEFAULT_WEIGHT_DECAY[self.optimizer],
-            seed=self.seed if self.seed is not None else random.SystemRandom().randrange(_MAX_INT),
+            seed=self.seed if self.seed is not None else draw_seed(),
         )
 
     def to_dict(self) -> dict[str, Any]:
         return msgspec.structs.asdict(self)
+
+
+def draw_seed() -> int:
+    return random.SystemRandom().randrange(_MAX_INT)
+
+
+def replace(h: Hyperparameters, **changes: Any) -> Hyperparameters:
+    return msgspec.structs.replace(h, **changes)
+
+
+def seeded(h: Hyperparameters, saved: int | None = None) -> Hyperparameters:
+    """`h` with its seed fixed once, where a run starts: the one given, else the one a checkpoint
+    being resumed was trained with (`saved`), else a new one. Every rank, every launcher and a
+    resumed run then shuffle and split alike, and the seed is recorded."""
+    if h.seed is not None:
+        return h
+    return replace(h, seed=saved if saved is not None else draw_seed())
+
+
+def check_name(name: Any) -> None:
+    if name is not None and not (isinstance(name, str) and NAME_PATTERN.fullmatch(name)):
+        raise BadArgument("--name", "a model name of letters, digits, '.', '_' and '-' (at most 100)", _found(name))
 
 
 # Options that only mean something where the loop runs in this kernel: a server decides these.
@@ -91,7 +115,7 @@ _EXPECTED = {
     "clip": "a positive number or none", "momentum": "a number from 0 up to (not including) 1",
     "weight_decay": "a number >= 0", "seed": "a whole number from 0 to 2**31 - 1",
     "workers": f"a whole number from 1 to {MAX_WORKERS}", "normalize": "true or false", "shard": "true or false",
-    "resume": "true or false", "checkpoint": "a directory path",
+    "resume": "true or false", "checkpoint": "a directory path (not empty)",
     "log_every": "a positive whole number (at most 2**31 - 1) or none", "optimizer": "one of " + ", ".join(OPTIMIZERS),
     "loss": "one of " + ", ".join(LOSSES), "device": "one of " + ", ".join(DEVICES),
 }
@@ -227,8 +251,7 @@ def parse_request(raw: Any) -> tuple[JobRequest, Hyperparameters]:
     if isinstance(val, (int, float)) and not (math.isfinite(val) and 0 < val < 1):
         raise BadArgument("--val", "a fraction between 0 and 1 (or validation data)", _found(val))
     name = raw.get("name")
-    if name is not None and not isinstance(name, str):
-        raise BadArgument("--name", "a model name", _found(name))
+    check_name(name)
     hyperparameters = parse_hyperparameters(raw.get("hyperparameters"))
     request = JobRequest(model=raw["model"], data=raw["data"], val=float(val) if isinstance(val, (int, float)) else val,
                          hyperparameters=hyperparameters.to_dict(), name=name,

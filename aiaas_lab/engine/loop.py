@@ -172,12 +172,23 @@ def fit(model: nn.Module, data: Prepared, cfg: TrainConfig, emit: Callable[[Even
     history: list[dict[str, float]] = []
     start_epoch, step = 0, 0
     partial: dict[str, Any] = {}  # the position and sums of an epoch stopped part-way
+    best_val, best_state, stale_epochs = math.inf, None, 0
+    # Dropout and other randomness in the model draw from torch's generator: seeded, and saved
+    # with every checkpoint, so a run is repeatable and a resumed one continues the same draws.
+    torch.manual_seed(cfg.seed)
     if cfg.resume and cfg.checkpoint and (_exists(cfg.checkpoint)):
         saved = load_checkpoint(cfg.checkpoint, model, optimizer)
         start_epoch, step, history = saved["epoch"], saved["step"], saved["history"]
         partial = saved.get("partial") or {}
         if not isinstance(train, InMemory) or partial.get("world", 1) != world:
             partial = {}  # a DataLoader's order cannot be replayed: that epoch starts over
+        tensors = saved.get("tensors") or {}
+        if "rng" in tensors:
+            torch.set_rng_state(tensors["rng"])
+        best_val = float(saved["best_val"]) if saved.get("best_val") is not None else math.inf
+        stale_epochs = int(saved.get("stale_epochs", 0))
+        best = {k.removeprefix("best."): v for k, v in tensors.items() if k.startswith("best.")}
+        best_state = {k: v.to(device) for k, v in best.items()} or None
 
     t0 = time.time()
     emit(RunStarted(run_id=run_id, epochs=cfg.epochs, start_epoch=start_epoch,
@@ -188,7 +199,6 @@ def fit(model: nn.Module, data: Prepared, cfg: TrainConfig, emit: Callable[[Even
                     hyperparameters={**cfg.hyperparameters(), "workers": world},
                     time=t0))
 
-    best_val, best_state, stale_epochs = math.inf, None, 0
     status, reason, error = "completed", "", None
     epoch = start_epoch
     samples = 0
@@ -197,8 +207,10 @@ def fit(model: nn.Module, data: Prepared, cfg: TrainConfig, emit: Callable[[Even
     def checkpoint() -> None:
         if cfg.checkpoint and rank == 0:  # ranks hold the same weights; one writes them
             state = {"epoch": epoch, "step": step, "history": history, "partial": position or None,
-                     **(extra_state or {})}
-            path = save_checkpoint(cfg.checkpoint, model, optimizer, state)
+                     "seed": cfg.seed, "best_val": best_val if math.isfinite(best_val) else None,
+                     "stale_epochs": stale_epochs, **(extra_state or {})}
+            extra = {"rng": torch.get_rng_state(), **{f"best.{k}": v for k, v in (best_state or {}).items()}}
+            path = save_checkpoint(cfg.checkpoint, model, optimizer, state, extra)
             emit(CheckpointSaved(epoch=epoch, path=str(path), time=time.time()))
 
     try:
@@ -206,6 +218,7 @@ def fit(model: nn.Module, data: Prepared, cfg: TrainConfig, emit: Callable[[Even
         for epoch_index in range(start_epoch, cfg.epochs):
             if stop.is_set():  # asked between epochs: stop before the next one takes a step
                 status, reason = "stopped", getattr(local_stop, "reason", "") or "stop requested"
+                position = partial if partial.get("epoch") == epoch_index else {}  # not yet replayed
                 break
             epoch_t0 = time.perf_counter()
             resumed = partial if partial.get("epoch") == epoch_index else {}

@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader
 from .._errors import AiaasError, BadArgument, close_matches, describe
 from .data import InMemory, Prepared, prepare_data
 from .inputs import Preprocessing
-from .job import Job, check_combination
+from .checkpoint import check_resumable, read_state
+from .job import Job, check_combination, seeded
 from .loop import TrainConfig, resolve_device
 from .models import BUILTIN_MODELS, build_model, first_layer_inputs, model_spec
 
@@ -131,7 +132,11 @@ def prepare(job: Job, *, allow_code: bool = True, remote: bool = False, config: 
     that they fit each other. `config` overrides loop settings the launcher decides (log_every)."""
     h = job.hyperparameters
     check_combination(h, has_val=job.val is not None, remote=remote)
-    cfg = TrainConfig.from_hyperparameters(h, **(config or {}))
+    saved = read_state(h.checkpoint) if h.resume else None
+    if saved is not None and saved.get("seed") is not None and h.seed is not None and saved["seed"] != h.seed:
+        raise BadArgument("--seed", f"the seed the checkpoint was trained with ({saved['seed']}), or no --seed",
+                          str(h.seed), "A resumed run must shuffle and split as it started.")
+    cfg = TrainConfig.from_hyperparameters(seeded(h, saved.get("seed") if saved else None), **(config or {}))
     data = prepare_data(job.data, val=job.val, target=job.target, loss=cfg.loss, normalize=h.normalize,
                         batch_size=cfg.batch_size, seed=cfg.seed)
     if cfg.device not in ("auto", "cpu"):
@@ -143,7 +148,10 @@ def prepare(job: Job, *, allow_code: bool = True, remote: bool = False, config: 
                               allow_code=allow_code)
     device = resolve_device(cfg.device)
     check_model_fits(module.to(device), data, device)
-    return PreparedRun(module=module, data=data, config=cfg, spec=spec)
+    run = PreparedRun(module=module, data=data, config=cfg, spec=spec)
+    if saved is not None:
+        check_resumable(h.checkpoint, module, run.preprocessing.to_dict())  # type: ignore[arg-type]
+    return run
 
 
 def _first_batch(data: InMemory | DataLoader, size: int = 2) -> tuple[torch.Tensor, torch.Tensor]:

@@ -151,7 +151,11 @@ class RunHandle:
 
         self._notes = []
         threading.Thread(target=work, name=name, daemon=True).start()
-        self._started.wait()
+        try:
+            self._started.wait()
+        except BaseException:  # Ctrl-C while the run starts: it must not go on with no handle
+            self._stop.request("interrupted")
+            raise
         notes, self._notes = self._notes, None
         for note in notes:
             print(note)

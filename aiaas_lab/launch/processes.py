@@ -27,10 +27,10 @@ from typing import Any
 import torch
 
 from .._errors import BadArgument, describe
-from ..engine.data import InMemory
+from ..engine.data import InMemory, check_normalizable
 from ..engine.events import EpochEnd, Event, RunEnded, event_from_json
 from ..engine.inputs import Preprocessing
-from ..engine.job import Job
+from ..engine.job import Job, replace
 from ..engine.loop import resolve_device
 from ..engine.prepare import PreparedRun, prepare
 from .handle import RunHandle, StopSignal
@@ -59,8 +59,9 @@ def run_processes(job: Job, run: RunHandle) -> TrainResult:
         try:
             # Normalisation is the workers' (their preparation fits it on the same training split and
             # reports it with the weights); here the job is checked and split once.
+            check_normalizable(job.data, h.normalize)  # refused here as on every launcher
             prepared = prepare(Job(model=job.model, data=job.data, val=job.val, target=job.target,
-                                   hyperparameters=_replace(h, normalize=False)))
+                                   hyperparameters=replace(h, normalize=False)))
             if not isinstance(prepared.data.train, InMemory):
                 raise BadArgument("--workers", "in-memory data to shard across workers (tensors, arrays, a "
                                   "DataFrame or a built-in data set)", describe(job.data),
@@ -86,12 +87,6 @@ def run_processes(job: Job, run: RunHandle) -> TrainResult:
     return result_of(run, model=module, preprocessing=preprocessing, status=outcome["status"],
                      history=outcome["history"], error=outcome["error"], reason=outcome["reason"],
                      seconds=outcome["seconds"], run_id=run_id)
-
-
-def _replace(h: Any, **changes: Any) -> Any:
-    import msgspec
-
-    return msgspec.structs.replace(h, **changes)
 
 
 def _output_info(path: Path) -> dict[str, Any]:
@@ -287,7 +282,9 @@ def _follow_workers(procs: list[subprocess.Popen[bytes]], directory: Path, emit:
             for rank, proc in enumerate(procs):
                 if rank not in exits and proc.poll() is not None:
                     exits[rank] = proc.returncode
-            if over_since is None and (exits or ended is not None):
+            # Ranks other than 0 finish as soon as their loop does, while rank 0 still writes the
+            # weights: the grace period starts when rank 0 is done, reported the end, or a rank failed.
+            if over_since is None and (0 in exits or ended is not None or any(exits.values())):
                 over_since = time.monotonic()
             if over_since is not None and time.monotonic() - over_since > _GRACE_S:
                 break  # the rest are stuck: waiting for a peer that is gone, or in teardown

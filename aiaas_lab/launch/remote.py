@@ -20,11 +20,11 @@ from torch import nn
 
 from .._errors import AiaasError, BadArgument, close_matches
 from ..client.client import Blob, Client, ModelWeights, RemoteError, _normalize_url
-from ..engine.data import InMemory
+from ..engine.data import InMemory, check_normalizable
 from ..engine.datasets import BUILTIN_DATASETS
 from ..engine.events import EpochEnd, Event, RunEnded, RunStarted
 from ..engine.inputs import Preprocessing
-from ..engine.job import LOCAL_ONLY, Job, check_combination
+from ..engine.job import LOCAL_ONLY, Job, check_combination, replace
 from ..engine.models import BUILTIN_MODELS
 from ..engine.prepare import load_model, prepare
 from .handle import RemoteRun, RunHandle
@@ -154,7 +154,7 @@ def _submit(client: Client, job: Job) -> _Submission:
     else:
         # Normalisation happens on the server (its statistics travel with the model there).
         local = Job(model=model, data=data, val=val, target=job.target,
-                    hyperparameters=msgspec_replace(job.hyperparameters, normalize=False, checkpoint=None,
+                    hyperparameters=replace(job.hyperparameters, normalize=False, checkpoint=None,
                                                     resume=False, workers=1, shard=False))
         prepared = prepare(local)
         module, spec = prepared.module, prepared.spec
@@ -193,12 +193,6 @@ def _submit(client: Client, job: Job) -> _Submission:
     return _Submission(job=created, module=module, preprocessing=preprocessing, summary=summary)
 
 
-def msgspec_replace(struct: Any, **changes: Any) -> Any:
-    import msgspec
-
-    return msgspec.structs.replace(struct, **changes)
-
-
 # -- following a job ----------------------------------------------------------------------
 
 _END = object()
@@ -208,6 +202,7 @@ def run_remote(job: Job, run: RunHandle, *, backend: str, token: str | None = No
     """The remote launcher: submit the job to the server at `backend` and follow it to its end
     through `run`, exactly as the local launcher reports a loop in this process."""
     check_combination(job.hyperparameters, has_val=job.val is not None, remote=True)
+    check_normalizable(job.data, job.hyperparameters.normalize)  # the server would fit it on the upload
     client = client_for(backend, token)
     try:
         submission = _submit(client, job)
@@ -270,12 +265,13 @@ class _Follower:
     def _cancel(self, quiet: bool = False) -> None:
         if self._cancelled:
             return
-        self._cancelled = True
         try:
             self.client.cancel_job(self.job_id)
         except AiaasError:
             if not quiet:
                 raise
+        else:
+            self._cancelled = True  # only once the server took it: a failed cancel is tried again
 
     def _events(self) -> Iterator[Event]:
         """The job's events, read by a helper thread so that this one can watch the stop signal

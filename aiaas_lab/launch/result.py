@@ -24,8 +24,11 @@ def remember(module: Any, preprocessing: Preprocessing | None) -> None:
 
 def preprocessing_of(model: Any) -> Preprocessing | None:
     if isinstance(model, TrainResult):
-        return model.preprocessing or _PREPROCESSING.get(model.model)
-    return _PREPROCESSING.get(model)
+        return model.preprocessing or preprocessing_of(model.model)
+    try:
+        return _PREPROCESSING.get(model)
+    except TypeError:  # a name, a number: nothing this kernel trained
+        return None
 
 
 @dataclass

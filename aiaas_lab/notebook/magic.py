@@ -25,6 +25,22 @@ from ..engine.models import BUILTIN_MODELS
 __all__ = ["AiaasMagics", "split_arguments"]
 
 
+def _number(text: str) -> Any:
+    """An option's number as typed; anything else is passed on as it is, so that the job schema
+    names the option and what it expected, in the same words as aiaas_lab.train()."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+# The options the job schema checks; given ones are passed on, the rest keep train()'s defaults.
+_OPTIONS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "loss", "weight_decay", "grad_accum", "clip",
+            "patience", "seed", "device", "threads", "workers", "log_every", "checkpoint")
+
+
 def _train_parser() -> _Parser:
     p = _Parser(prog="%aiaas train", add_help=False,
                 description="Train MODEL on DATA and return a TrainResult. MODEL and DATA are Python "
@@ -33,24 +49,24 @@ def _train_parser() -> _Parser:
     p.add_argument("--data", required=True, metavar="DATA", help="(X, y), a DataFrame (with --target), a Dataset, a DataLoader or a built-in")
     p.add_argument("--val", metavar="DATA|FRACTION", help="validation data, or a fraction to hold out (stratified for classes)")
     p.add_argument("--target", metavar="COLUMN", help="target column of a DataFrame")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, help="learning rate (default: sgd 0.01, adam/adamw 0.001)")
-    p.add_argument("--optimizer", default="adam", help=f"one of {', '.join(OPTIMIZERS)}")
-    p.add_argument("--momentum", type=float, help="sgd's momentum (default 0.9)")
-    p.add_argument("--loss", default="auto", help=f"one of {', '.join(LOSSES)}")
-    p.add_argument("--weight-decay", type=float, help="weight decay (default 0, or 0.01 for adamw)")
-    p.add_argument("--grad-accum", type=int, default=1, metavar="K", help="accumulate gradients over K batches per step")
-    p.add_argument("--clip", type=float, help="clip the gradient norm to this value")
-    p.add_argument("--patience", type=int, help="stop early after N epochs without val_loss improvement")
+    p.add_argument("--epochs", type=_number, help="epochs to train (default 10)")
+    p.add_argument("--batch-size", type=_number, help="samples per batch (default 64)")
+    p.add_argument("--lr", type=_number, help="learning rate (default: sgd 0.01, adam/adamw 0.001)")
+    p.add_argument("--optimizer", help=f"one of {', '.join(OPTIMIZERS)} (default adam)")
+    p.add_argument("--momentum", type=_number, help="sgd's momentum (default 0.9)")
+    p.add_argument("--loss", help=f"one of {', '.join(LOSSES)} (default auto)")
+    p.add_argument("--weight-decay", type=_number, help="weight decay (default 0, or 0.01 for adamw)")
+    p.add_argument("--grad-accum", type=_number, metavar="K", help="accumulate gradients over K batches per step")
+    p.add_argument("--clip", type=_number, help="clip the gradient norm to this value")
+    p.add_argument("--patience", type=_number, help="stop early after N epochs without val_loss improvement")
     p.add_argument("--normalize", action="store_true", help="standardise features with training-split statistics")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)}")
-    p.add_argument("--log-every", type=int, metavar="N", help="optimizer steps per progress event (default: ~50 an epoch)")
-    p.add_argument("--threads", type=int, help="torch threads while training (default: torch's)")
+    p.add_argument("--seed", type=_number)
+    p.add_argument("--device", help=f"one of {', '.join(DEVICES)} (default auto)")
+    p.add_argument("--log-every", type=_number, metavar="N", help="optimizer steps per progress event (default: ~50 an epoch)")
+    p.add_argument("--threads", type=_number, help="torch threads while training (default: torch's)")
     p.add_argument("--checkpoint", metavar="DIR", help="save a safetensors checkpoint each epoch")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint DIR")
-    p.add_argument("--workers", type=int, default=1, help="data-parallel processes (torch.distributed)")
+    p.add_argument("--workers", type=_number, help="data-parallel processes (torch.distributed)")
     p.add_argument("--shard", action="store_true", help="shard the model across workers (FSDP)")
     p.add_argument("--background", action="store_true", help="return a handle at once; training continues")
     p.add_argument("--backend", metavar="URL", help="train on a remote aiaas-lab server")
@@ -159,14 +175,11 @@ class AiaasMagics(Magics):
                 val = float(ast.literal_eval(opts.val))
             except (ValueError, SyntaxError, TypeError):
                 val = self._evaluate(opts.val, "--val")
+        options = {name: getattr(opts, name) for name in _OPTIONS if getattr(opts, name) is not None}
         result = train(
-            model, data, val=val, target=opts.target, epochs=opts.epochs, batch_size=opts.batch_size,
-            lr=opts.lr, optimizer=opts.optimizer, momentum=opts.momentum, loss=opts.loss, weight_decay=opts.weight_decay,
-            grad_accum=opts.grad_accum, clip=opts.clip, patience=opts.patience, normalize=opts.normalize,
-            seed=opts.seed, device=opts.device, threads=opts.threads, checkpoint=opts.checkpoint,
-            resume=opts.resume, workers=opts.workers, shard=opts.shard, background=opts.background,
-            backend=opts.backend or self.backend, name=opts.name, log_every=opts.log_every,
-            progress=self._progress(opts.no_widget))
+            model, data, val=val, target=opts.target, normalize=opts.normalize, resume=opts.resume,
+            shard=opts.shard, background=opts.background, backend=opts.backend or self.backend, name=opts.name,
+            progress=self._progress(opts.no_widget), **options)
         if isinstance(model, str) and getattr(result, "model", None) is not None:
             # The last built-in trained by name answers to that name in `%aiaas predict mlp`, while
             # `%aiaas train mlp` always starts from a fresh one. Nothing is written into the

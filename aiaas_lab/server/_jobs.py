@@ -3,7 +3,6 @@ and how a job row is shown on the wire."""
 
 from __future__ import annotations
 
-import re
 import secrets
 from typing import Any
 
@@ -11,7 +10,7 @@ import orjson
 
 from .._errors import AiaasError
 from ..engine.datasets import BUILTIN_DATASETS
-from ..engine.job import MAX_WORKERS, check_combination, parse_request
+from ..engine.job import MAX_WORKERS, NAME_PATTERN, check_combination, parse_request
 from ..engine.models import BUILTIN_MODELS
 from ._blobs import Blobs, check_sha256, safetensors_header
 from ._http import ApiError
@@ -19,7 +18,6 @@ from ._http import ApiError
 __all__ = ["validate_request", "render_job", "new_job_id", "TERMINAL", "NAME_PATTERN", "MAX_WORKERS"]
 
 TERMINAL = ("succeeded", "failed", "cancelled")
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 def new_job_id() -> str:
@@ -63,9 +61,11 @@ def _check_model(raw: Any, blobs: Blobs, tenant: str, allow_code: bool) -> dict[
             raise _fail("model.config", "an object", config)
         from ..engine.prepare import builtin_spec
 
+        shape = config.get("input_shape")
+        size = config.get("output_size")
         try:  # the same rules the runner applies once it knows the data's shapes
-            builtin_spec(raw["builtin"], config, tuple(config.get("input_shape") or (1,)),
-                         config.get("output_size") or 1)
+            builtin_spec(raw["builtin"], config, tuple(shape) if isinstance(shape, list) and shape else (1,),
+                         size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else 1)
         except AiaasError as exc:
             raise ApiError(400, str(exc)) from None
         return {"builtin": raw["builtin"], "config": config}
@@ -141,8 +141,6 @@ def validate_request(body: Any, blobs: Blobs, tenant: str, allow_code: bool) -> 
         check_combination(hyperparameters, has_val=request.val is not None, remote=True)
     except AiaasError as exc:
         raise ApiError(400, str(exc)) from None
-    if request.name is not None and not NAME_PATTERN.fullmatch(request.name):
-        raise _fail("name", "a model name of letters, digits, '.', '_' and '-' (at most 100)", request.name)
     h = hyperparameters.to_dict()
     val = request.val
     if isinstance(val, dict):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,6 +16,7 @@ from starlette.routing import Route
 
 from ._blobs import check_sha256
 from ._http import ApiError, json_response, read_json, whole_number
+from ..engine.job import draw_seed
 from ._jobs import TERMINAL, render_job, validate_request
 from ._ledger import create_job_row
 from ._registry import model_entry
@@ -82,7 +82,7 @@ async def create_job(request: Request) -> Response:
     # An Idempotency-Key matches the same request however its JSON was spelled (key order, defaults).
     digest = hashlib.sha256(orjson.dumps(job_request, option=orjson.OPT_SORT_KEYS)).hexdigest()
     if job_request["hyperparameters"]["seed"] is None:  # drawn once and recorded: a resumed run reshuffles alike
-        job_request["hyperparameters"]["seed"] = secrets.randbelow(2**31 - 1)
+        job_request["hyperparameters"]["seed"] = draw_seed()
     job, created = await state.store.write(create_job_row, request.state.tenant, job_request, key, digest, time.time())
     if created:
         state.executor.wake()

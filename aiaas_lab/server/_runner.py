@@ -68,7 +68,17 @@ def job_of(spec: dict[str, Any]) -> Any:
 def model_info(prepared: Any, spec: dict[str, Any]) -> dict[str, Any]:
     """The trained model's metadata: the preparation's, with the names the client learned."""
     info = prepared.model_info()
-    for key, value in (spec.get("preprocessing") or {}).items():
+    names = spec.get("preprocessing") or {}
+    classes = names.get("classes")
+    if classes is not None:
+        count = prepared.data.num_classes
+        if prepared.data.task != "classification" or len(set(map(str, classes))) != len(classes) or (
+                count is not None and len(classes) < count):
+            from .._errors import BadArgument
+
+            raise BadArgument("preprocessing.classes", f"one distinct label for each of the data's {count} classes",
+                              f"{len(classes)} labels")
+    for key, value in names.items():
         if value:
             info[key] = value
     return info
@@ -94,6 +104,7 @@ def run_job(job: dict[str, Any], channel: BinaryIO, stop: Any) -> int:
     torch.set_num_threads(int(job.get("threads", 1)))
     try:
         prepared = prepare(job_of(job), allow_code=bool(job.get("allow_code")))
+        info = model_info(prepared, job)
     except AiaasError as exc:
         _send(channel, {"error": str(exc)})
         return 0
@@ -110,7 +121,6 @@ def run_job(job: dict[str, Any], channel: BinaryIO, stop: Any) -> int:
         else:
             _send(channel, {"event": event.to_dict()})
 
-    info = model_info(prepared, job)
     outcome = fit(prepared.module, prepared.data, prepared.config, emit, stop, run_id=job["job_id"],
                   extra_state={"preprocessing": info})
     final = ended[-1] if ended else RunEnded(status="failed", epochs_completed=len(outcome.history),
