@@ -132,7 +132,7 @@ def predict(model: Any, data: Any, *, batch_size: int = 1024, classes: bool = Fa
     import torch
     from torch import nn
 
-    from .engine.inputs import class_indices, to_features
+    from .engine.inputs import class_indices, features, prediction_inputs
     from .engine.loop import resolve_device
     from .engine.models import first_layer_inputs
 
@@ -141,20 +141,7 @@ def predict(model: Any, data: Any, *, batch_size: int = 1024, classes: bool = Fa
         model = model.model
     if not isinstance(model, nn.Module):
         raise BadArgument("MODEL", "a trained torch.nn.Module or a TrainResult", describe(model))
-    if isinstance(data, (tuple, list)) and len(data) == 2 and hasattr(data[0], "shape"):
-        data = data[0]  # (X, y): predict on X
-    if isinstance(data, str):
-        from .engine.datasets import BUILTIN_DATASETS, load_builtin_dataset
-
-        if data.replace("_", "-") not in BUILTIN_DATASETS:
-            raise BadArgument("--data", f"features or a built-in data set ({', '.join(BUILTIN_DATASETS)})", repr(data))
-        data = load_builtin_dataset(data.replace("_", "-"))[0]
-    if prep is not None:
-        X = prep.features(data)
-    else:
-        X = to_features(data)
-        if X.shape[0] == 0:
-            raise BadArgument("--data", "at least one row", "an empty input (0 rows)")
+    X = features(prediction_inputs(data), prep)
     layer = first_layer_inputs(model)
     if layer is not None and X.ndim == 2 and X.shape[1] != layer[1]:
         raise BadArgument("--data", f"{layer[1]} features per row (the model's first layer is {layer[0]})",

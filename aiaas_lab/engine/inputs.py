@@ -20,7 +20,8 @@ import torch
 
 from .._errors import BadArgument, describe
 
-__all__ = ["Normalizer", "Preprocessing", "encode_frame", "fit_categories", "is_pandas", "to_features"]
+__all__ = ["Normalizer", "Preprocessing", "encode_frame", "fit_categories", "is_pandas", "to_features",
+           "prediction_inputs", "features"]
 
 
 def is_pandas(obj: object, kind: str) -> bool:
@@ -212,3 +213,27 @@ def class_indices(scores: torch.Tensor) -> torch.Tensor:
         raise BadArgument("--classes", "a model with one output per class",
                           f"outputs of shape {tuple(scores.shape)}", "Drop --classes to get the raw outputs.")
     return scores.argmax(dim=1)
+
+
+def prediction_inputs(data: Any) -> Any:
+    """What predict was given, as raw inputs: X of an (X, y) pair, a built-in data set's X."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and hasattr(data[0], "shape"):
+        return data[0]
+    if isinstance(data, str):
+        from .datasets import BUILTIN_DATASETS, load_builtin_dataset
+
+        if data.replace("_", "-") not in BUILTIN_DATASETS:
+            raise BadArgument("--data", f"features or a built-in data set ({', '.join(BUILTIN_DATASETS)})", repr(data))
+        return load_builtin_dataset(data.replace("_", "-"))[0]
+    return data
+
+
+def features(data: Any, preprocessing: Preprocessing | None) -> torch.Tensor:
+    """The model's input tensor for raw inputs: as training saw them where it is known, else as
+    they come (numbers, one row per sample)."""
+    if preprocessing is not None:
+        return preprocessing.features(data)
+    X = to_features(data)
+    if X.shape[0] == 0:
+        raise BadArgument("--data", "at least one row", "an empty input (0 rows)")
+    return X

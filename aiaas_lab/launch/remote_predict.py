@@ -10,8 +10,7 @@ from torch import nn
 
 from .._errors import AiaasError, BadArgument, close_matches, describe
 from ..client.client import Client, RemoteError, _normalize_url
-from ..engine.datasets import BUILTIN_DATASETS, load_builtin_dataset
-from ..engine.inputs import Preprocessing, class_indices
+from ..engine.inputs import Preprocessing, class_indices, features, prediction_inputs
 from .remote import SERVER_MODELS, client_for
 from .result import TrainResult, preprocessing_of
 
@@ -40,16 +39,6 @@ def _server_model(model: Any, url: str) -> tuple[str, int | None]:
                       describe(model))
 
 
-def _raw(data: Any) -> Any:
-    if isinstance(data, (tuple, list)) and len(data) == 2 and hasattr(data[0], "shape"):
-        data = data[0]  # (X, y): predict on X
-    if isinstance(data, str):
-        if data.replace("_", "-") not in BUILTIN_DATASETS:
-            raise BadArgument("--data", f"features or a built-in data set ({', '.join(BUILTIN_DATASETS)})", repr(data))
-        data = load_builtin_dataset(data.replace("_", "-"))[0]
-    return data
-
-
 def _server_preprocessing(client: Client, name: str, version: int | None) -> Preprocessing | None:
     """What the server recorded of a model's inputs; None from servers that are not aiaas-lab."""
     try:
@@ -68,13 +57,13 @@ def predict_remote(model: Any, data: Any, *, batch_size: int = 1024, classes: bo
     DataFrames are encoded here as in training; the server applies the model's normalizer."""
     url = _normalize_url(backend)
     name, version = _server_model(model, url)
-    data = _raw(data)
+    data = prediction_inputs(data)
     with client_for(url, token) as client:
         prep = preprocessing_of(model) if not isinstance(model, str) else None
         if prep is None:
             prep = _server_preprocessing(client, name, version)
         encoder = None if prep is None else Preprocessing(**{**prep.__dict__, "normalizer": None})
-        X = encoder.features(data) if encoder is not None else _plain_features(data)
+        X = features(data, encoder)
         try:
             out = torch.cat([client.infer(name, X[i:i + int(batch_size)], version=version)
                              for i in range(0, X.shape[0], int(batch_size))])
@@ -86,15 +75,6 @@ def predict_remote(model: Any, data: Any, *, batch_size: int = 1024, classes: bo
     if classes:
         return prep.labels(out) if prep is not None else class_indices(out)
     return out
-
-
-def _plain_features(data: Any) -> torch.Tensor:
-    from ..engine.inputs import to_features
-
-    X = to_features(data)
-    if X.shape[0] == 0:
-        raise BadArgument("--data", "at least one row", "an empty input (0 rows)")
-    return X
 
 
 def _known_models(client: Client, name: str) -> str:
