@@ -265,6 +265,51 @@ def test_exported_graphs_cannot_allocate_past_the_bound(server: ServerProcess) -
     assert server.process.poll() is None
 
 
+class HiddenCopies(nn.Module):
+    """A (N, N, 1, 1) output, but matmul broadcasts its batch dimensions by copying both operands
+    to (N * N, 64) before a bmm: 2 GB hidden at N = 2048 that the nodes' outputs do not show."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        product = torch.matmul(x.view(n, 1, 1, 64), x.view(1, n, 64, 1))
+        return self.lin(x) + product.mean() * 0
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.head = nn.Sequential(nn.Linear(8 * 8 * 8, 32), nn.ReLU(), nn.Linear(32, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(x.view(x.shape[0], 1, 8, 8))).flatten(1))
+
+
+def test_hidden_copies_inside_composite_ops_count_against_the_bound(server: ServerProcess) -> None:
+    with server.client() as client:
+        # within bounds for its training batches of 8, refused for an inference batch of 2048
+        job = train_exported(client, HiddenCopies(), "hidden", features=64, batch_size=8)
+        assert job["status"] == "succeeded", job
+        assert client.post("/v2/models/hidden/infer", json=row_body(64, rows=8)).status_code == 200
+        assert_one_line_400(client.post("/v2/models/hidden/infer", json=row_body(64, rows=2048)),
+                            "MAX_ELEMENTS", "[2048, 2048, 1, 64]")
+        # and a training batch of 2048 fails with the reason
+        job = train_exported(client, HiddenCopies(), "hidden-big", features=64, rows=2048, batch_size=2048)
+        assert job["status"] == "failed" and "MAX_ELEMENTS" in job["error"], job
+        # ordinary graphs are not caught: an MLP and a CNN on a batch of 2048
+        for name, module in (("mlp64", nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 2))),
+                             ("cnn64", SmallCNN())):
+            job = train_exported(client, module, name, features=64, rows=2048, batch_size=2048)
+            assert job["status"] == "succeeded", job
+            response = client.post(f"/v2/models/{name}/infer", json=row_body(64, rows=2048))
+            assert response.status_code == 200, response.text[:300]
+    assert server.process.poll() is None
+
+
 # ---------------------------------------------------------------- 2. slow models, full queue
 
 class Slow(nn.Module):

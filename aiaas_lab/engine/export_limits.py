@@ -9,7 +9,8 @@ squared again and again as Python ints (`mul` on `sym_size`). Three checks:
 - `guarded_python_op`: arithmetic on sizes takes numbers only and stays below `MAX_SIZE_VALUE`.
 - `check_forward` (before the first forward pass for each input shape): the whole graph runs
   on fake tensors (shapes and dtypes, no data), which gives every intermediate's size before
-  any real memory is taken. The allow-list has no data-dependent shapes, so the input's shape
+  any real memory is taken, the copies that composite ops (matmul, einsum, attention) make
+  inside included: a dispatch mode counts each aten op they decompose into. The allow-list has no data-dependent shapes, so the input's shape
   decides them all and one check per shape holds for every forward pass with that shape.
 """
 
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .._errors import AiaasError, BadArgument
 
@@ -117,31 +119,46 @@ def guarded_python_op(name: str) -> Callable[..., Any]:
 
 # ---------------------------------------------------------------- every intermediate, on fake tensors
 
-class _Sizer(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule) -> None:
-        super().__init__(gm)
-        self.extra_traceback = False  # the error says which node; fx would append its own dump
+class _Counter(TorchDispatchMode):
+    """Sees every aten op the graph's nodes run, after composite ops are decomposed: a node's
+    output alone would miss what `matmul` with broadcast batch dimensions, `einsum` or
+    `scaled_dot_product_attention` allocate inside (expanded operands copied for a `bmm`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.node = "?"  # the graph node running, for the message
         self.storages: set[Any] = set()
         self.total = 0
 
-    def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
-        if n.op == "call_function":
-            from torch.multiprocessing.reductions import StorageWeakRef
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        from torch.multiprocessing.reductions import StorageWeakRef
 
-            for value in (result if isinstance(result, (tuple, list)) else (result,)):
-                if not isinstance(value, torch.Tensor):
-                    continue
-                count = value.numel()
-                if count > MAX_ELEMENTS:
-                    raise _too_big(f"node {n.name!r} ({n.target}), a tensor of shape {list(value.shape)},", count)
-                key = StorageWeakRef(value.untyped_storage())
-                if key not in self.storages:  # views share their base's storage
-                    self.storages.add(key)
-                    self.total += count
-                    if self.total > MAX_TOTAL_ELEMENTS:
-                        raise _too_big(f"the forward pass, by node {n.name!r},", self.total)
+        result = func(*args, **(kwargs or {}))
+        for value in torch.utils._pytree.tree_leaves(result):
+            if not isinstance(value, torch.Tensor):
+                continue
+            count = value.numel()
+            if count > MAX_ELEMENTS:
+                raise _too_big(f"node {self.node} ({func}), a tensor of shape {list(value.shape)},", count)
+            storage = value.untyped_storage()
+            key = StorageWeakRef(storage)
+            if key not in self.storages:  # views share their base's storage: counted once
+                self.storages.add(key)
+                self.total += storage.nbytes() // max(value.element_size(), 1)
+                if self.total > MAX_TOTAL_ELEMENTS:
+                    raise _too_big(f"the forward pass, by node {self.node},", self.total)
         return result
+
+
+class _Sizer(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, counter: _Counter) -> None:
+        super().__init__(gm)
+        self.extra_traceback = False  # the error says which node; fx would append its own dump
+        self.counter = counter
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.counter.node = repr(n.name)
+        return super().run_node(n)
 
 
 def check_forward(gm: fx.GraphModule, args: list[torch.Tensor], input_shape: tuple[int, ...]) -> None:
@@ -155,15 +172,15 @@ def check_forward(gm: fx.GraphModule, args: list[torch.Tensor], input_shape: tup
         mode = FakeTensorMode(allow_fallback_kernels=False)
         try:
             fake = [mode.from_tensor(a) for a in args]
-            with mode:
-                _Sizer(gm).run(*fake)
+            counter = _Counter()
+            with mode, counter:  # the counter above fake mode: it sees each op, fake mode runs it
+                _Sizer(gm, counter).run(*fake)
         except AiaasError:
             raise
         except Exception as exc:
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
             raise AiaasError(f"model.export.graph: the graph fails on input of shape {list(input_shape)} "
                              f"({type(exc).__name__}{': ' + first if first else ''}).") from None
-
 
 
 def _quiet_fake_tensor_log() -> None:
