@@ -253,3 +253,27 @@ def test_a_store_that_refuses_writes_pauses_jobs_and_answers_503_until_it_is_bac
     finally:
         server.stop()
     assert "Traceback" not in server.log()
+
+
+def test_ready_recovers_when_the_store_is_back_with_no_job_running(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a waiting job's executor used to probe the store: with none, ready stayed 503."""
+    fault = tmp_path / "store-fault"
+    monkeypatch.setenv("AIAAS_LAB_FAULT_STORE", str(fault))
+    server = start_server(tmp_path / "data")
+    try:
+        with server.client() as client:
+            fault.touch()
+            refused = client.post("/v1/jobs", json=QUICK)
+            assert refused.status_code == 503 and "storage" in refused.json()["error"], refused.text
+            assert client.get("/v2/health/ready").status_code == 503
+            fault.unlink()
+            deadline = time.monotonic() + 10
+            while (ready := client.get("/v2/health/ready")).status_code != 200:
+                assert time.monotonic() < deadline, (ready.text, server.log()[-2000:])
+                time.sleep(0.1)
+            assert ready.json()["ready"] is True
+            assert client.post("/v1/jobs", json=QUICK).status_code == 201
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log()

@@ -8,8 +8,9 @@ block the writer, and the reads here are small indexed lookups. A commit is dura
 
 When the disk refuses (full, read-only, an I/O error), a call raises `StorageUnavailable`, an
 ApiError, so a request that needed the store gets 503 with Retry-After rather than a 500; the
-store stays marked unavailable (the ready probe reports it) until `until_available` sees a write
-succeed again. Errors that are bugs (bad SQL) are not storage failures and propagate as they are.
+store stays marked unavailable until a write succeeds again: any write, the executor's
+`until_available` while a job waits, or `probe`, which the ready endpoint calls so that it
+recovers on its own when no job is running. Errors that are bugs (bad SQL) are not storage failures and propagate as they are.
 
 For tests, AIAAS_LAB_FAULT_STORE=PATH makes every write fail as an unwritable disk would while
 the file PATH exists (a disk cannot be filled or frozen on demand without root).
@@ -121,6 +122,7 @@ class Store:
         self.available = True
         self.unavailable_reason = ""
         self._probe: asyncio.Future[None] | None = None
+        self._probed_at = 0.0
         self._fault = os.environ.get("AIAAS_LAB_FAULT_STORE")
 
     def _init(self) -> None:
@@ -171,6 +173,17 @@ class Store:
         if self._probe is None or self._probe.done():
             self._probe = asyncio.ensure_future(self._probe_until_writable())
         await asyncio.shield(self._probe)
+
+    async def probe(self) -> bool:
+        """Whether the store takes writes. Once marked unavailable, it tries one tiny write, at
+        most once per _PROBE_S however often it is asked (a load balancer polls ready often)."""
+        if not self.available and time.monotonic() - self._probed_at >= _PROBE_S:
+            self._probed_at = time.monotonic()
+            try:
+                await self.write(_touch)
+            except StorageUnavailable:
+                pass
+        return self.available
 
     async def _probe_until_writable(self) -> None:
         while True:

@@ -82,7 +82,7 @@ async def live(request: Request) -> Response:
 
 async def ready(request: Request) -> Response:
     store = request.app.state.store
-    if not store.available:  # jobs cannot be recorded: a load balancer should look elsewhere
+    if not await store.probe():  # jobs cannot be recorded: a load balancer should look elsewhere
         return json_response({"ready": False, "error": f"storage unavailable: {store.unavailable_reason}"}, 503,
                              {"Retry-After": "5"})
     return json_response({"ready": True})
