@@ -70,3 +70,21 @@ def test_a_job_file_in_the_earlier_format_still_runs(tmp_path):
                         "config": config}, tmp_path, ranks=1)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "completed after" in done.stderr
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_weight_decay_is_applied_as_recorded(optimizer):
+    X, y = torch.randn(256, 8), torch.randint(0, 2, (256,))
+
+    def norm(decay: float | None) -> tuple[float, float]:
+        result = aiaas_lab.train("mlp", (X, y), epochs=5, optimizer=optimizer, weight_decay=decay, seed=0,
+                                 progress=False, threads=1)
+        weights = torch.cat([p.detach().flatten() for p in result.model.parameters()])
+        return float(weights.norm()), result.hyperparameters["weight_decay"]
+
+    plain, recorded_plain = norm(0.0)
+    decayed, recorded = norm(0.5)
+    default, recorded_default = norm(None)
+    assert recorded_plain == 0.0 and recorded == 0.5
+    assert recorded_default == (0.01 if optimizer == "adamw" else 0.0)
+    assert decayed < plain, (decayed, plain)  # same seed, one thread: only the decay differs
