@@ -214,6 +214,35 @@ def test_a_body_that_stops_arriving_gets_408_and_a_slow_steady_one_is_served(ser
         assert response.status_code in (200, 201), response.text
 
 
+def test_a_response_sent_before_the_body_was_read_closes_a_trickling_connection(server: ServerProcess) -> None:
+    """A 401 or a 404 answered before the body was read: uvicorn used to go on reading the
+    announced 100,000 bytes, one every 2 s, with no bound, past --body-timeout-s 1."""
+    heads = [f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong-token\r\n",
+             f"POST /v2/models/no-such-model/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server.token}\r\n"]
+    for head, status in zip(heads, (b"401", b"404"), strict=True):
+        sock = _connect(server)
+        sock.settimeout(2.5)
+        sock.sendall((head + "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n").encode() + b"{")
+        reply, closed = b"", False
+        for _ in range(4):  # at most ~10 s of trickling
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                chunk = None
+            if chunk == b"":
+                closed = True
+                break
+            reply += chunk or b""
+            try:
+                sock.sendall(b" ")
+            except OSError:
+                closed = True
+                break
+        sock.close()
+        assert reply.startswith(b"HTTP/1.1 " + status + b" "), reply[:300]
+        assert closed, reply[:300]
+
+
 # ---------------------------------------------------------------- 1. exported graphs' memory
 
 class Broadcast(nn.Module):

@@ -20,7 +20,7 @@ from ._auth import AuthMiddleware
 from ._blobs import Blobs
 from ._executor import DEFAULT_JOB_MEMORY_MB, Executor, JobSignals
 from ._http import ApiError, error_response
-from ._limits import BodyLimitMiddleware, BodyTimeoutMiddleware
+from ._limits import BodyBoundsMiddleware
 from ._registry import Registry
 from ._routes import v1_routes
 from ._store import Store
@@ -118,9 +118,10 @@ def create_app(config: ServerConfig) -> Starlette:
 
     app = Starlette(
         routes=v2_routes() + v1_routes(),  # routes match in order: inference, the hot path, first
-        middleware=[Middleware(AuthMiddleware, tokens=config.tokens),
-                    Middleware(BodyLimitMiddleware, max_bytes=int(config.max_upload_mb * 2**20)),
-                    Middleware(BodyTimeoutMiddleware, seconds=config.body_timeout_s)],
+        # The body's bounds outermost: they must see a 401 sent before the body was read too.
+        middleware=[Middleware(BodyBoundsMiddleware, max_bytes=int(config.max_upload_mb * 2**20),
+                               seconds=config.body_timeout_s),
+                    Middleware(AuthMiddleware, tokens=config.tokens)],
         exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _unexpected},
         lifespan=lifespan,
     )

@@ -2,8 +2,9 @@
 
 - Body size (ASGI middleware): 413 before the body is read when Content-Length is too large, and
   as soon as a streamed body (no Content-Length) passes the limit.
-- Body time (ASGI middleware): a body that pauses longer than the timeout gets 408, so a client
-  that announces 1,000 bytes and sends 10 does not hold a request (and its memory) forever.
+- Body time (the same middleware): a body that pauses longer than the timeout gets 408, so a
+  client that announces 1,000 bytes and sends 10 does not hold a request (and its memory)
+  forever; a response sent before the body was read closes the connection, for the same reason.
 - Header size and time (the HTTP protocol itself, `bounded_httptools`): uvicorn with httptools
   buffers a request's head without any limit before the app sees it (a 64 MB header was
   accepted), and waits for it forever; its only bound (h11_max_incomplete_event_size) is h11's.
@@ -20,19 +21,32 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._http import error_response
 
-__all__ = ["BodyLimitMiddleware", "BodyTimeoutMiddleware", "bounded_httptools"]
+__all__ = ["BodyBoundsMiddleware", "bounded_httptools"]
 
 
 class _TooLarge(Exception):
     pass
 
 
-class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+class _BodyTimeout(Exception):
+    pass
+
+
+class BodyBoundsMiddleware:
+    """The request body's size (`max_bytes`) and each pause in it (`seconds`), around the whole
+    app (authentication included): one wrapper of `receive` and `send` for both bounds.
+
+    Once the body is complete, `receive` is left alone (an event stream waits on it for the
+    disconnect). A response that starts before the body was all read (a 401, a 404 for an unknown
+    model) closes the connection: uvicorn would otherwise go on reading that body, with no bound
+    on how slowly it arrives, before the connection could serve another request."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, seconds: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.seconds = seconds
 
-    def _message(self) -> str:
+    def _too_large(self) -> str:
         mb = self.max_bytes / 2**20
         return (f"the request body is larger than this server's limit of {mb:g} MB "
                 "(aiaas-lab serve --max-upload-mb)")
@@ -44,77 +58,64 @@ class BodyLimitMiddleware:
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if length is not None:
             if not length.isdigit():
-                await error_response(400, "the Content-Length header is not a number")(scope, receive, send)
+                await error_response(400, "the Content-Length header is not a number",
+                                     {"Connection": "close"})(scope, receive, send)
                 return
             if int(length) > self.max_bytes:
-                await error_response(413, self._message(), {"Connection": "close"})(scope, receive, send)
+                await error_response(413, self._too_large(), {"Connection": "close"})(scope, receive, send)
                 return
+        chunked = any(k == b"transfer-encoding" for k, _ in scope["headers"])
+        complete = not chunked and not int(length or b"0")
         received = 0
         started = False
 
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+        async def bounded_receive() -> Message:
+            nonlocal complete, received
+            if complete:
+                return await receive()
+            try:
+                message = await _within(self.seconds, receive())
+            except TimeoutError:
+                raise _BodyTimeout from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     raise _TooLarge
+                complete = not message.get("more_body", False)
+            else:
+                complete = True  # the client went away
             return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                if not complete:
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, bounded_receive, tracking_send)
         except _TooLarge:
             if not started:
-                await error_response(413, self._message(), {"Connection": "close"})(scope, receive, send)
-
-
-class _BodyTimeout(Exception):
-    pass
-
-
-class BodyTimeoutMiddleware:
-    """Each wait for more of the request body is bounded by `seconds`; once the body is
-    complete, `receive` is left alone (an event stream waits on it for the disconnect)."""
-
-    def __init__(self, app: ASGIApp, seconds: float) -> None:
-        self.app = app
-        self.seconds = seconds
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        complete = False
-        started = False
-
-        async def timed_receive() -> Message:
-            nonlocal complete
-            if complete:
-                return await receive()
-            try:
-                message = await asyncio.wait_for(receive(), self.seconds)
-            except asyncio.TimeoutError:
-                raise _BodyTimeout from None
-            complete = message["type"] != "http.request" or not message.get("more_body", False)
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, timed_receive, tracking_send)
+                await error_response(413, self._too_large(), {"Connection": "close"})(scope, receive, send)
         except _BodyTimeout:
             if not started:
                 message = (f"the request body stopped arriving: nothing came for {self.seconds:g} s "
                            "(aiaas-lab serve --body-timeout-s)")
                 await error_response(408, message, {"Connection": "close"})(scope, receive, send)
+
+
+async def _within(seconds: float, awaitable: Any) -> Any:
+    """`await awaitable` for at most `seconds` (TimeoutError after). asyncio.timeout (3.11+)
+    cancels in place; wait_for, the fallback on 3.10, costs a Task per call."""
+    if hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    try:
+        return await asyncio.wait_for(awaitable, seconds)
+    except asyncio.TimeoutError:
+        raise TimeoutError from None
 
 
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
