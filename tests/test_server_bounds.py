@@ -339,6 +339,20 @@ def test_hidden_copies_inside_composite_ops_count_against_the_bound(server: Serv
     assert server.process.poll() is None
 
 
+def test_a_damaged_model_file_is_a_503_with_the_reason_in_the_log(server: ServerProcess) -> None:
+    """A truncated model.safetensors raises SafetensorError (not OSError): it used to be a 500."""
+    with server.client() as client:
+        job = train_exported(client, Small(), "damaged")
+        assert job["status"] == "succeeded", job
+        weights = server.data_dir / "jobs" / job["id"] / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:40])
+        response = client.post("/v2/models/damaged/infer", json=row_body(4))
+        assert response.status_code == 503, (response.status_code, response.text[:300])
+        message = response.json()["error"]
+        assert "damaged" in message and "\n" not in message and str(server.data_dir) not in message, message
+    assert "'damaged' version 1 could not be loaded: SafetensorError" in server.log()
+
+
 # ---------------------------------------------------------------- 2. slow models, full queue
 
 class Slow(nn.Module):

@@ -103,6 +103,7 @@ class Registry:
 
     def _load(self, row: Any) -> Served:
         import torch
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         from .._errors import AiaasError
@@ -124,7 +125,9 @@ class Registry:
             module.load_state_dict(load_file(str(directory / "model.safetensors")))
         except AiaasError as exc:  # a graph this server refuses now (its limits changed, say)
             raise ApiError(400, f"model {row['name']!r} cannot be served: {str(exc).splitlines()[0]}") from None
-        except (OSError, RuntimeError) as exc:  # its files are gone or damaged: the reason to the log
+        # Its files are gone or damaged (a truncated safetensors file raises SafetensorError, which
+        # is neither): the reason to the log, a retryable 503 to the tenant.
+        except (OSError, RuntimeError, SafetensorError) as exc:
             print(f"aiaas-lab serve: model {row['name']!r} version {row['version']} could not be loaded: {exc!r}",
                   file=sys.stderr, flush=True)
             raise ApiError(503, f"model {row['name']!r} version {row['version']} cannot be loaded on this server "
