@@ -147,6 +147,16 @@ def test_json_nested_1000_deep_is_a_400_at_every_json_endpoint(server: ServerPro
 
 # ---------------------------------------------------------------- 4. heads and bodies
 
+def test_a_safetensors_header_nested_100k_deep_is_a_400(server: ServerProcess) -> None:
+    """The header was parsed with json.loads, which recursed into RecursionError: a 500."""
+    header = b'{"X": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    blob = len(header).to_bytes(8, "little") + header
+    with server.client() as client:
+        sha = put(client, blob)
+        response = client.post("/v1/jobs", json={"model": {"builtin": "linear"}, "data": {"tensors": sha}})
+        assert_one_line_400(response, "data.tensors", "safetensors", sha)
+
+
 def _connect(server: ServerProcess) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=15)
     return sock

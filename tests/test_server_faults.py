@@ -267,6 +267,11 @@ def test_ready_recovers_when_the_store_is_back_with_no_job_running(tmp_path: Pat
             refused = client.post("/v1/jobs", json=QUICK)
             assert refused.status_code == 503 and "storage" in refused.json()["error"], refused.text
             assert client.get("/v2/health/ready").status_code == 503
+            # an upload the disk refuses (full, read-only) is a 503 to retry too, never a 500
+            blob = b"bytes for a disk that is full"
+            upload = client.put(f"/v1/data/{hashlib.sha256(blob).hexdigest()}", content=blob)
+            assert upload.status_code == 503 and upload.headers["Retry-After"].isdigit(), upload.text
+            assert "No space left on device" in upload.json()["error"] and str(tmp_path) not in upload.text
             fault.unlink()
             deadline = time.monotonic() + 10
             while (ready := client.get("/v2/health/ready")).status_code != 200:
@@ -274,6 +279,7 @@ def test_ready_recovers_when_the_store_is_back_with_no_job_running(tmp_path: Pat
                 time.sleep(0.1)
             assert ready.json()["ready"] is True
             assert client.post("/v1/jobs", json=QUICK).status_code == 201
+            assert client.put(f"/v1/data/{hashlib.sha256(blob).hexdigest()}", content=blob).status_code == 201
     finally:
         server.stop()
     assert "Traceback" not in server.log()
