@@ -95,3 +95,18 @@ def test_the_rendezvous_and_every_port_of_a_job_listen_on_loopback_only(aiaas_se
             with socket.socket() as s:
                 s.settimeout(2)
                 assert s.connect_ex((ip, port)) != 0, (ip, port)
+
+
+def test_the_reason_a_distributed_job_failed_is_not_hidden_by_another_rank_s_summary(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Rank 1 often writes its summary after rank 0's error: the error is the reason told."""
+    from aiaas_lab.server._distributed_runner import _last_worker_error
+
+    log = tmp_path / "worker.log"
+    log.write_text("[rank0]: Traceback (most recent call last):\n"
+                   "aiaas_lab.worker: rank 0: model.export.weights: expected a tensor named 'lin.bias', but found none\n"
+                   "aiaas_lab.worker: rank 1: stopped after 3 steps with seed 7 (another rank failed)\n"
+                   "aiaas_lab.worker: rank 2: completed after 9 steps with seed 7\n"
+                   "W torchrun: sending SIGTERM\n")
+    assert _last_worker_error(log) == "rank 0: model.export.weights: expected a tensor named 'lin.bias', but found none"
+    log.write_text("aiaas_lab.worker: rank 1: stopped after 3 steps with seed 7 (stop file)\n")
+    assert _last_worker_error(log) == ""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -137,6 +138,11 @@ def run_distributed_job(job: dict[str, Any], send: Callable[[dict[str, Any]], No
     return 0
 
 
+# A rank that ended well prints "rank R: <status> after N steps with seed S (reason)" last; when
+# another rank failed, that line is often the log's last and would hide the failure's reason.
+_FINE = re.compile(r"rank \d+: (completed|stopped) after \d+ steps with seed ")
+
+
 def _last_worker_error(log: Path) -> str:
     try:
         lines = log.read_bytes()[-20000:].decode(errors="replace").splitlines()
@@ -144,7 +150,9 @@ def _last_worker_error(log: Path) -> str:
         return ""
     for line in reversed(lines):
         if "aiaas_lab.worker: " in line:
-            return line.split("aiaas_lab.worker: ", 1)[1].strip()
+            said = line.split("aiaas_lab.worker: ", 1)[1].strip()
+            if not _FINE.match(said):
+                return said
     return ""
 
 
