@@ -194,6 +194,7 @@ def test_a_job_over_its_memory_limit_fails_alone_with_a_memory_reason(tmp_path: 
             job = wait_for(client, created.json()["id"])
             assert job["status"] == "failed", job
             assert "out of memory" in job["error"] and "1024 MB" in job["error"] and "\n" not in job["error"], job
+            assert "allocat" in job["error"].split("--job-memory-mb", 1)[1].lower(), job  # the original reason too
             assert client.get("/v2/health/ready").status_code == 200
             assert wait_for(client, client.post("/v1/jobs", json=QUICK).json()["id"])["status"] == "succeeded"
     finally:
@@ -283,3 +284,37 @@ def test_ready_recovers_when_the_store_is_back_with_no_job_running(tmp_path: Pat
     finally:
         server.stop()
     assert "Traceback" not in server.log()
+
+
+def _misleading_module() -> bytes:
+    from torch import nn
+
+    class PrintsMemoryError(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(64, 10)
+
+        def forward(self, x):  # type: ignore[no-untyped-def]
+            import sys
+
+            print("MemoryError: a line the model printed, not what failed", file=sys.stderr, flush=True)
+            raise ValueError("the model refused its input, see /opt/secret-dir/inputs/rows.txt")
+
+    return cloudpickle.dumps(PrintsMemoryError())
+
+
+def test_a_failure_is_reported_from_its_own_error_without_absolute_paths(tmp_path: Path) -> None:
+    """The log's tail used to decide: any job whose log said MemoryError was "out of memory",
+    and only the server's known paths were taken out of the tenant's text."""
+    server = start_server(tmp_path / "data", extra_args=["--allow-code"])
+    try:
+        with server.client() as client:
+            sha = _upload(client, _misleading_module())
+            job = wait_for(client, client.post("/v1/jobs", json={"model": {"pickle": sha},
+                                                                "data": {"builtin": "digits"}}).json()["id"])
+    finally:
+        server.stop()
+    error = job["error"]
+    assert job["status"] == "failed" and "refused its input" in error, job
+    assert "out of memory" not in error and "/opt/secret-dir" not in error and "<path>/rows.txt" in error, error
+    assert "MemoryError: a line the model printed" in server.log()  # the operator still sees it

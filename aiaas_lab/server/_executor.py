@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import sys
 import time
@@ -50,6 +51,9 @@ DEFAULT_JOB_MEMORY_MB = 4096
 # What an allocation past the limit says (Python, torch's CPU allocator, C++); not "out of memory",
 # which a CUDA OOM and our own exit descriptions also say.
 _MEMORY_SIGNS = ("memoryerror", "can't allocate memory", "cannot allocate memory", "bad_alloc")
+# Any other absolute path in tenant-facing text (a traceback's file names, a temp dir): the
+# directories go, the file's own name stays.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~<>-])/(?:[^\s/'\"(),:;]+/)+")
 
 
 class JobSignals:
@@ -357,9 +361,12 @@ class Executor:
         tail = _log_tail(log)
         print(f"aiaas-lab serve: job {job_id} failed: {error}" + (f"\n  the end of {log}:\n{tail}" if tail else ""),
               file=sys.stderr)
-        if self.job_memory_mb and any(sign in f"{error}\n{tail}".lower() for sign in _MEMORY_SIGNS):
-            return (f"the job ran out of memory: it needed more than the server's limit of {self.job_memory_mb} MB "
-                    "per process (--job-memory-mb); use a smaller model, batch size or data set")
+        # Told by the error itself, not the log's tail: a job that printed "MemoryError" once
+        # and failed for another reason is not out of memory. The original reason stays.
+        if self.job_memory_mb and any(sign in error.lower() for sign in _MEMORY_SIGNS):
+            return self._public(job_id, f"the job ran out of memory: it needed more than the server's limit of "
+                                        f"{self.job_memory_mb} MB per process (--job-memory-mb); use a smaller "
+                                        f"model, batch size or data set ({error})")
         return self._public(job_id, error)
 
     def _public(self, job_id: str, text: str) -> str:
@@ -368,7 +375,7 @@ class Executor:
                             (str(self.jobs_dir.parent), "<data-dir>"), (sys.prefix, "<python>"),
                             (sys.base_prefix, "<python>"), (str(Path(__file__).parents[2]), "<server>")):
             text = text.replace(path, shown)
-        line = " ".join(text.split())
+        line = " ".join(_ABSOLUTE_PATH.sub("<path>/", text).split())
         return line if len(line) <= 500 else line[:497] + "..."
 
     async def _end(self, job_id: str, event: dict[str, Any], model: dict[str, Any] | None = None) -> None:

@@ -110,7 +110,11 @@ def run_job(job: dict[str, Any], channel: BinaryIO, stop: Any) -> int:
         return 0
     except Exception as exc:  # a bad upload must fail the job with its reason, not a traceback
         print(f"aiaas_lab.server._runner: the job could not start: {exc!r}", file=sys.stderr, flush=True)
-        _send(channel, {"error": f"the job could not start: {type(exc).__name__}"})
+        # The type only (the message can hold server paths), but an allocation past the job's
+        # memory limit says so: the executor tells "out of memory" from these words.
+        memory = isinstance(exc, MemoryError) or "allocate memory" in str(exc) or "bad_alloc" in str(exc)
+        _send(channel, {"error": f"the job could not start: {type(exc).__name__}"
+                                 + (" (cannot allocate memory)" if memory else "")})
         return 0
 
     ended: list[RunEnded] = []
