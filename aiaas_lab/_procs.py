@@ -30,7 +30,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["LAUNCHER_PID_ENV", "popen", "spawn", "die_with_parent", "watch_parent", "stop", "stop_all", "astop", "limit_memory"]
+__all__ = ["LAUNCHER_PID_ENV", "popen", "spawn", "die_with_parent", "watch_parent", "stop", "stop_all", "astop", "limit_memory",
+           "DEFAULT_JOB_MEMORY_MB"]
 
 _LINUX = sys.platform.startswith("linux")
 # A launcher whose children start other processes it does not control (torchrun's ranks) tells
@@ -144,6 +145,13 @@ async def astop(process: asyncio.subprocess.Process, grace: float = 2.0) -> int:
             await asyncio.wait_for(process.wait(), grace)
     _signal_group(process.pid, signal.SIGKILL)  # what the leader started in its group, too
     return await process.wait()
+
+
+# A server job's cap per process (aiaas-lab serve --job-memory-mb; here, not in the executor, so
+# the CLI's --help has it without importing torch). A warm runner holds ~450 MB of data (torch,
+# the engine); training the built-in models on the built-in data adds well under 100 MB; 4 GB
+# leaves room for real data sets while one runaway job cannot take the machine.
+DEFAULT_JOB_MEMORY_MB = 4096
 
 
 def limit_memory(pid: int, megabytes: int | None) -> bool:

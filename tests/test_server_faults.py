@@ -8,8 +8,10 @@ Processes are found from the server's pid (psutil), never by scanning the machin
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -318,3 +320,57 @@ def test_a_failure_is_reported_from_its_own_error_without_absolute_paths(tmp_pat
     assert job["status"] == "failed" and "refused its input" in error, job
     assert "out of memory" not in error and "/opt/secret-dir" not in error and "<path>/rows.txt" in error, error
     assert "MemoryError: a line the model printed" in server.log()  # the operator still sees it
+
+
+def _hanging_forward_module(marker: Path) -> bytes:
+    from torch import nn
+
+    class HangsInInference(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(64, 10)
+            self.marker = str(marker)
+
+        def forward(self, x):  # type: ignore[no-untyped-def]
+            import pathlib
+            import time
+
+            if float(x[0, 0]) == 12345.0:  # the test's inference request, never training data
+                pathlib.Path(self.marker).touch()
+                time.sleep(600)  # a forward pass that never ends
+            return self.linear(x)
+
+    return cloudpickle.dumps(HangsInInference())
+
+
+def test_ctrl_c_ends_the_server_while_a_forward_pass_hangs(tmp_path: Path) -> None:
+    """Inference threads used to be ThreadPoolExecutor's, which the interpreter joins at exit."""
+    import threading
+
+    marker = tmp_path / "forward-started"
+    server = start_server(tmp_path / "data", extra_args=["--allow-code"])
+    try:
+        with server.client() as client:
+            sha = _upload(client, _hanging_forward_module(marker))
+            job = wait_for(client, client.post("/v1/jobs", json={"model": {"pickle": sha}, "name": "hangs",
+                                                                "data": {"builtin": "digits"}}).json()["id"])
+            assert job["status"] == "succeeded", job
+
+        def infer() -> None:
+            with server.client(timeout=120) as own, contextlib.suppress(httpx.TransportError):
+                own.post("/v2/models/hangs/infer", json={"inputs": [{"name": "input", "shape": [1, 64],
+                                                                     "datatype": "FP32", "data": [12345.0] * 64}]})
+
+        threading.Thread(target=infer, daemon=True).start()
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert time.monotonic() < deadline and server.process.poll() is None, server.log()[-2000:]
+            time.sleep(0.05)
+        server.process.send_signal(signal.SIGINT)
+        try:
+            code = server.process.wait(30)
+        except subprocess.TimeoutExpired:
+            code = None
+        assert code is not None, "the server did not exit within 30 s of Ctrl-C"
+    finally:
+        server.stop()

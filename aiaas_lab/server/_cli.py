@@ -7,6 +7,8 @@ import socket
 import sys
 from pathlib import Path
 
+from .._procs import DEFAULT_JOB_MEMORY_MB
+
 __all__ = ["serve_main"]
 
 
@@ -25,8 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-jobs", type=int, default=2, metavar="N", help="training jobs run at once (default 2)")
     parser.add_argument("--max-upload-mb", type=float, default=256, metavar="N",
                         help="largest request body in MB (default 256); larger ones get 413")
-    parser.add_argument("--job-memory-mb", type=int, default=None, metavar="N",
-                        help="memory each process of a training job may allocate, in MB (default 4096; 0: no "
+    parser.add_argument("--job-memory-mb", type=int, default=DEFAULT_JOB_MEMORY_MB, metavar="N",
+                        help=f"memory each process of a training job may allocate, in MB (default {DEFAULT_JOB_MEMORY_MB}; 0: no "
                              "limit); a job that needs more fails with a reason that says so")
     parser.add_argument("--max-header-kb", type=int, default=64, metavar="N",
                         help="largest request line and headers in KiB (default 64); larger ones get 431")
@@ -81,7 +83,7 @@ def serve_main(argv: list[str]) -> int:
         parser.error(f"--max-jobs: expected a whole number >= 1, but found {opts.max_jobs}")
     if not opts.max_upload_mb > 0:
         parser.error(f"--max-upload-mb: expected a number > 0, but found {opts.max_upload_mb}")
-    if opts.job_memory_mb is not None and opts.job_memory_mb != 0 and not 1024 <= opts.job_memory_mb <= 2**40:
+    if opts.job_memory_mb != 0 and not 1024 <= opts.job_memory_mb <= 2**40:
         parser.error(f"--job-memory-mb: expected 0 (no limit) or a whole number of MB >= 1024 (a job's runner "
                      f"holds ~450 MB with torch imported before it loads any data), but found {opts.job_memory_mb}")
     for name, low in (("max_header_kb", 1), ("infer_threads", 0), ("infer_queue", 0)):
@@ -103,8 +105,8 @@ def serve_main(argv: list[str]) -> int:
         print(f"aiaas-lab serve: cannot listen on {opts.host}:{opts.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     port = sock.getsockname()[1]
-    memory = {} if opts.job_memory_mb is None else {"job_memory_mb": opts.job_memory_mb}
-    config = ServerConfig(data_dir=opts.data_dir.resolve(), tokens=tokens, max_jobs=opts.max_jobs, **memory,
+    config = ServerConfig(data_dir=opts.data_dir.resolve(), tokens=tokens, max_jobs=opts.max_jobs,
+                          job_memory_mb=opts.job_memory_mb,
                           max_upload_mb=opts.max_upload_mb, allow_code=opts.allow_code,
                           infer_threads=opts.infer_threads, infer_queue=opts.infer_queue,
                           body_timeout_s=opts.body_timeout_s)

@@ -44,10 +44,7 @@ __all__ = ["Executor", "JobSignals", "MAX_LAUNCHES", "CANCEL_GRACE_S", "DEFAULT_
 MAX_LAUNCHES = 4  # the first run and three resumes after the server stopped under it
 CANCEL_GRACE_S = 10.0  # a cancelled job stops at its next step; one that does not is killed after this
 STOP_GRACE_S = 2.0  # SIGTERM to SIGKILL when the server stops (the jobs resume from their checkpoints)
-# Per process of a job (RLIMIT_DATA, see _procs.limit_memory). A warm runner holds ~450 MB of
-# data (torch, the engine); training the built-in models on the built-in data adds well under
-# 100 MB; 4 GB leaves room for real data sets while one runaway job cannot take the machine.
-DEFAULT_JOB_MEMORY_MB = 4096
+DEFAULT_JOB_MEMORY_MB = _procs.DEFAULT_JOB_MEMORY_MB  # per process of a job (RLIMIT_DATA, see _procs)
 # What an allocation past the limit says (Python, torch's CPU allocator, C++); not "out of memory",
 # which a CUDA OOM and our own exit descriptions also say.
 _MEMORY_SIGNS = ("memoryerror", "can't allocate memory", "cannot allocate memory", "bad_alloc")

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import math
+import queue
+import threading
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, Callable, TypeVar
 
 import numpy as np
@@ -37,12 +39,52 @@ _INLINE_BODY = 1 << 18  # larger bodies are parsed, run and encoded in the pool:
 _T = TypeVar("_T")
 
 
+class _DaemonThreads:
+    """A fixed pool of daemon threads. Not ThreadPoolExecutor: its threads are joined when the
+    interpreter exits, so one forward pass that hangs would keep Ctrl-C from ending the server."""
+
+    def __init__(self, count: int) -> None:
+        self._work: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = \
+            queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._serve, name=f"aiaas-infer-{i}", daemon=True)
+                         for i in range(count)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Callable[..., _T], *args: Any) -> Future[_T]:
+        future: Future[_T] = Future()
+        self._work.put((future, fn, args))
+        return future
+
+    def _serve(self) -> None:
+        while (item := self._work.get()) is not None:
+            future, fn, args = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # the caller awaits the future: it gets the exception
+                future.set_exception(exc)
+
+    def shutdown(self) -> None:
+        """Cancel what waits; each thread ends after the forward pass it runs (if that ever ends)."""
+        while True:
+            try:
+                item = self._work.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+        for _ in self._threads:
+            self._work.put(None)
+
+
 class InferencePool:
     """`threads` threads for forward passes; at most `queue` more requests wait for one."""
 
     def __init__(self, threads: int, queue: int) -> None:
         self.threads, self.queue = threads, queue
-        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="aiaas-infer")
+        self._executor = _DaemonThreads(threads)
         self._admitted = 0  # running or waiting; only touched on the event loop
         # Last measured forward time per model and input shape; entries go with their module.
         self._seconds: weakref.WeakKeyDictionary[Any, dict[tuple[int, ...], float]] = weakref.WeakKeyDictionary()
@@ -69,7 +111,7 @@ class InferencePool:
             self._admitted -= 1
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor.shutdown()
 
 
 def _registry(request: Request) -> Registry:
