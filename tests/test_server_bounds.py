@@ -202,6 +202,37 @@ def test_request_heads_are_bounded_in_size_and_time(server: ServerProcess) -> No
     assert reply.startswith(b"HTTP/1.1 408 ") and 0.9 < time.monotonic() - start < 10, reply[:200]
 
 
+def test_a_pipelined_head_behind_an_event_stream_does_not_break_the_stream(server: ServerProcess) -> None:
+    """The head timer wrote a raw 408 into the event stream still going out before it."""
+    with server.client() as client:
+        job = client.post("/v1/jobs", json={"model": {"builtin": "mlp"}, "data": {"builtin": "digits"},
+                                            "hyperparameters": {"epochs": 300, "batch_size": 16}}).json()
+        try:
+            deadline = time.monotonic() + 60
+            while not client.get(f"/v1/jobs/{job['id']}/events").json()["data"]:
+                assert time.monotonic() < deadline, server.log()[-2000:]
+                time.sleep(0.1)
+            sock = _connect(server)
+            sock.settimeout(0.5)
+            sock.sendall(f"GET /v1/jobs/{job['id']}/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                         f"{server.token}\r\nAccept: text/event-stream\r\n\r\n".encode())
+            data = sock.recv(65536)  # the stream has started
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")  # the next head, not finished
+            closed, deadline = False, time.monotonic() + 3  # three times --body-timeout-s
+            while time.monotonic() < deadline and not closed:
+                try:
+                    chunk = sock.recv(65536)
+                except TimeoutError:
+                    continue
+                closed = not chunk
+                data += chunk
+            sock.close()
+        finally:
+            client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert data.startswith(b"HTTP/1.1 200 ") and b"event: run_started" in data, data[:300]
+    assert b"HTTP/1.1 408" not in data and not closed, data[-500:]
+
+
 def test_a_body_that_stops_arriving_gets_408_and_a_slow_steady_one_is_served(server: ServerProcess) -> None:
     sock = _connect(server)
     start = time.monotonic()

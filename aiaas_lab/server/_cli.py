@@ -33,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-header-kb", type=int, default=64, metavar="N",
                         help="largest request line and headers in KiB (default 64); larger ones get 431")
     parser.add_argument("--body-timeout-s", type=float, default=30, metavar="S",
-                        help="seconds a request's headers or body may stop arriving (default 30); then 408")
+                        help="seconds a request's headers may take to arrive in full, and its body may pause "
+                             "(default 30); then 408")
     parser.add_argument("--infer-threads", type=int, default=0, metavar="N",
                         help="inference forward passes run at once (default: the cores, at most 8)")
     parser.add_argument("--infer-queue", type=int, default=64, metavar="N",

@@ -8,7 +8,8 @@
 - Header size and time (the HTTP protocol itself, `bounded_httptools`): uvicorn with httptools
   buffers a request's head without any limit before the app sees it (a 64 MB header was
   accepted), and waits for it forever; its only bound (h11_max_incomplete_event_size) is h11's.
-  So the head gets 431 past the size limit and 408 past the timeout, then the connection closes.
+  So the head gets 431 past the size limit and 408 when it has not arrived in full within the
+  timeout, then the connection closes.
 """
 
 from __future__ import annotations
@@ -145,6 +146,9 @@ def bounded_httptools(max_header_bytes: int, header_timeout_s: float) -> type[as
             super().connection_lost(exc)
 
         def _arm(self) -> None:
+            # Not re-armed by each arrival: a head has `header_timeout_s` in all, from its first
+            # byte (from the connection for the first), so one byte a second cannot hold it for
+            # as long as the size bound allows.
             if self._head_timer is None:
                 self._head_timer = self.loop.call_later(header_timeout_s, self._head_timed_out)
 
@@ -155,9 +159,15 @@ def bounded_httptools(max_header_bytes: int, header_timeout_s: float) -> type[as
 
         def _head_timed_out(self) -> None:
             self._head_timer = None
-            if self._in_head and self._head_bytes and not self.transport.is_closing():
+            if not self._in_head or self.transport.is_closing():
+                return
+            if self.cycle is not None and not self.cycle.response_complete:
+                # A head pipelined behind a response still going out (an event stream): a raw 408
+                # would land inside that response. It waits its turn; look again later.
+                self._arm()
+            elif self._head_bytes:
                 self._refuse(408, f"the request's headers did not arrive within {header_timeout_s:g} s")
-            elif self._in_head and not self.transport.is_closing() and self.cycle is None:
+            else:
                 self.transport.close()  # connected, never sent anything
 
         def _refuse(self, status: int, message: str) -> None:
