@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 import signal
 import subprocess
 import time
@@ -95,6 +96,9 @@ def test_stopping_the_server_mid_ddp_job_leaves_no_process(tmp_path: Path, signu
     finally:
         server.stop()
     assert "Traceback" not in server.log()
+    # torchrun was stopped by the runner's SIGTERM, not left to PDEATHSIG's SIGKILL
+    log = (server.data_dir / "jobs" / job["id"] / "worker.log").read_text(errors="replace")
+    assert re.search(r"Received (15|SIGTERM) death signal", log) and "rank 0: stopped after" in log, log[-2000:]
 
 
 def _hanging_module() -> bytes:

@@ -11,8 +11,9 @@ the store it shares with the ranks) listens on 127.0.0.1 only. Stock torchrun bi
 interfaces (`::`) even for --standalone, and anyone who can reach the port can join the job's
 rendezvous. The ranks' gloo sockets are kept on the loopback interface too.
 
-Lifetimes: torchrun starts through `_procs` (dies with this runner), and tells its ranks its pid
-(`_procs.LAUNCHER_PID_ENV`) so a rank whose torchrun died, even before it could watch, exits.
+Lifetimes: torchrun starts through `_procs` (its own session; SIGKILLed if this runner dies), and
+tells its ranks its pid (`_procs.LAUNCHER_PID_ENV`) so a rank whose torchrun died, even before it
+could watch, exits. A SIGTERM to this runner is passed on to torchrun (run_distributed_job).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -94,8 +96,15 @@ def run_distributed_job(job: dict[str, Any], send: Callable[[dict[str, Any]], No
     ended: dict[str, Any] | None = None
     pending = b""
     stop_written = False
+    # torchrun is in its own session: the executor's SIGTERM to this runner's group (the server
+    # stopping, a cancel past its grace) never reaches it, and without a handler this process
+    # would die at once, leaving torchrun to PDEATHSIG's SIGKILL. So SIGTERM ends the loop and
+    # the finally passes it on to torchrun, which stops its ranks. A flag, not an exception: a
+    # raise could land inside `send`, halfway through a protocol line.
+    terminated: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: terminated.append(signum))
     try:
-        while True:
+        while not terminated:
             if stop.is_set() and not stop_written:
                 # Written elsewhere, then renamed: the ranks never read half a reason.
                 (directory / "STOP.tmp").write_text(getattr(stop, "reason", "") or "cancelled")
@@ -120,7 +129,12 @@ def run_distributed_job(job: dict[str, Any], send: Callable[[dict[str, Any]], No
                 break
             time.sleep(_POLL_SECONDS)
     finally:
-        _procs.stop(process, grace=5.0)  # torchrun passes the SIGTERM on to its ranks
+        # torchrun passes the SIGTERM on to its ranks. Within the executor's STOP_GRACE_S (2 s),
+        # after which it SIGKILLs this runner and PDEATHSIG takes torchrun down too.
+        _procs.stop(process, grace=1.5)
+        signal.signal(signal.SIGTERM, previous)
+    if terminated:
+        return 128 + signal.SIGTERM  # stopped from outside: the executor knows why; nothing to report
     output = directory / "model.safetensors"
     if ended is None:
         # One line for the tenant: a rank's own error when it printed one (the worker writes

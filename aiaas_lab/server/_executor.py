@@ -229,7 +229,8 @@ class Executor:
     async def _spawn(self) -> asyncio.subprocess.Process:
         # From the event loop's (main) thread: PR_SET_PDEATHSIG is tied to the thread that
         # forked, and this one lives as long as the server. Its own process group: a Ctrl-C in
-        # the server's terminal never reaches it, and stopping it stops what it started (torchrun).
+        # the server's terminal never reaches it. Stopping its group does not reach torchrun (in a
+        # session of its own): the runner passes SIGTERM on (_distributed_runner), PDEATHSIG kills.
         return await _procs.spawn([sys.executable, "-m", "aiaas_lab.server._runner", str(os.getpid())],
                                   stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
 
