@@ -5,11 +5,15 @@
 `aiaas_server` (module-scoped fixture) is a running server with one random token; `start_server`
 starts more (other options, a tokens file, the same data dir after a kill). Both give a
 `ServerProcess`: `.url`, `.token`, `.headers()`, `.client()`, `.kill()` (SIGKILL), `.stop()`,
-`.restart()` and `.log()` (the server's stderr so far).
+`.restart()` and `.log()` (the server's stderr so far). Below them, the helpers every server test
+module uses (upload, wait_for, all_events, sse_frames, infer_json, alive, wait_gone), so no
+test module imports another.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import secrets
 import select
@@ -20,11 +24,14 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
+import psutil
 import pytest
 
-__all__ = ["ServerProcess", "start_server", "aiaas_server"]
+__all__ = ["ServerProcess", "start_server", "aiaas_server", "upload", "wait_for", "all_events", "sse_frames",
+           "infer_json", "alive", "wait_gone"]
 
 
 @dataclass
@@ -141,3 +148,83 @@ def aiaas_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPro
         yield server
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------- helpers the server tests share
+
+def upload(client: httpx.Client, blob: bytes) -> str:
+    """PUT `blob` to /v1/data; returns its sha256."""
+    sha = hashlib.sha256(blob).hexdigest()
+    response = client.put(f"/v1/data/{sha}", content=blob)
+    assert response.status_code in (200, 201), response.text
+    return sha
+
+
+def sse_frames(client: httpx.Client, job_id: str, headers: dict[str, str] | None = None,
+               limit: int | None = None, timeout: float = 120, after: int | None = None) -> Iterator[dict[str, Any]]:
+    """Parse the job's event stream into {"id", "event", "data"} frames."""
+    params = {} if after is None else {"after": after}
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=timeout, params=params,
+                       headers={"Accept": "text/event-stream", **(headers or {})}) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        frame: dict[str, Any] = {}
+        count = 0
+        for line in response.iter_lines():
+            if line == "":
+                if frame:
+                    yield frame
+                    count += 1
+                    if limit is not None and count >= limit:
+                        return
+                frame = {}
+            elif line.startswith(":"):
+                continue
+            else:
+                key, _, value = line.partition(": ")
+                frame[key] = int(value) if key == "id" else (json.loads(value) if key == "data" else value)
+
+
+def wait_for(client: httpx.Client, job_id: str, timeout: float = 180) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "cancelled") or time.monotonic() > deadline:
+            return job
+        time.sleep(0.1)
+
+
+def all_events(client: httpx.Client, job_id: str) -> list[dict[str, Any]]:
+    """Every event of the job so far, page after page."""
+    out: list[dict[str, Any]] = []
+    while True:
+        page = client.get(f"/v1/jobs/{job_id}/events", params={"after": len(out), "limit": 1000}).json()
+        out += page["data"]
+        if not page["has_more"]:
+            return out
+
+
+def infer_json(client: httpx.Client, name: str, X: Any, path: str = "") -> httpx.Response:
+    """POST the tensor `X` to the model's V2 infer endpoint as JSON."""
+    body = {"inputs": [{"name": "input", "shape": list(X.shape), "datatype": "FP32", "data": X.reshape(-1).tolist()}]}
+    return client.post(f"/v2/models/{name}{path}/infer", json=body)
+
+
+def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """Those of `procs` still running (a zombie is not)."""
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def wait_gone(procs: list[psutil.Process], seconds: float) -> list[psutil.Process]:
+    """Poll until none of `procs` runs or `seconds` pass; returns those left."""
+    deadline = time.monotonic() + seconds
+    while (left := alive(procs)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left

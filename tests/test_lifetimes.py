@@ -18,6 +18,7 @@ import time
 
 import psutil
 import pytest
+from server_fixtures import wait_gone
 
 from aiaas_lab import _procs
 
@@ -33,24 +34,6 @@ _PARENT = textwrap.dedent("""
             print("training", flush=True)
     aiaas_lab.train("mlp", (X, y), epochs=10000, batch_size=16, workers=2, progress=False, callbacks=[report])
 """)
-
-
-def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
-    out = []
-    for p in procs:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
-def _wait_gone(procs: list[psutil.Process], seconds: float) -> list[psutil.Process]:
-    deadline = time.monotonic() + seconds
-    while (left := _alive(procs)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return left
 
 
 def _read_until(proc: subprocess.Popen[bytes], marker: bytes, seconds: float) -> bytes:
@@ -77,7 +60,7 @@ def test_a_parent_killed_during_a_two_worker_run_leaves_no_process(tmp_path, sig
         assert len(descendants) >= 2, [p.cmdline() for p in descendants]  # both ranks
         parent.send_signal(signum)
         parent.wait(10)
-        left = _wait_gone(descendants, within)
+        left = wait_gone(descendants, within)
         assert not left, [(p.pid, p.cmdline()) for p in left]
     finally:
         if parent.poll() is None:
@@ -103,7 +86,7 @@ def test_stop_escalates_to_sigkill_for_the_whole_group() -> None:
     _procs.stop(proc, grace=1.0)
     assert proc.returncode == -signal.SIGKILL  # it ignored the SIGTERM
     assert 1.0 <= time.monotonic() - t0 < 10
-    assert not _wait_gone([grandchild], 5)
+    assert not wait_gone([grandchild], 5)
 
 
 def test_a_child_dies_with_its_parent_even_when_started_in_its_own_session(tmp_path) -> None:
@@ -120,7 +103,7 @@ def test_a_child_dies_with_its_parent_even_when_started_in_its_own_session(tmp_p
         assert os.getsid(child.pid) == child.pid  # no terminal Ctrl-C reaches it
         middle.kill()
         middle.wait()
-        assert not _wait_gone([child], 10)
+        assert not wait_gone([child], 10)
     finally:
         if middle.poll() is None:
             middle.kill()

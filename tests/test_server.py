@@ -13,12 +13,20 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load, save
-from server_fixtures import ServerProcess, aiaas_server, start_server  # noqa: F401  (fixture)
+from server_fixtures import (  # noqa: F401
+    ServerProcess,
+    aiaas_server,
+    all_events,
+    infer_json,
+    sse_frames,
+    start_server,
+    upload,
+    wait_for,
+)
 from torch import nn
 
 from aiaas_lab.engine.data import Normalizer
@@ -27,55 +35,10 @@ from aiaas_lab.engine.export import export_module
 from aiaas_lab.engine.models import build_model
 
 
-def sse_frames(client: httpx.Client, job_id: str, headers: dict[str, str] | None = None,
-               limit: int | None = None, timeout: float = 120, after: int | None = None) -> Iterator[dict[str, Any]]:
-    """Parse the job's event stream into {"id", "event", "data"} frames."""
-    params = {} if after is None else {"after": after}
-    with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=timeout, params=params,
-                       headers={"Accept": "text/event-stream", **(headers or {})}) as response:
-        assert response.status_code == 200, response.read()
-        assert response.headers["content-type"].startswith("text/event-stream")
-        frame: dict[str, Any] = {}
-        count = 0
-        for line in response.iter_lines():
-            if line == "":
-                if frame:
-                    yield frame
-                    count += 1
-                    if limit is not None and count >= limit:
-                        return
-                frame = {}
-            elif line.startswith(":"):
-                continue
-            else:
-                key, _, value = line.partition(": ")
-                frame[key] = int(value) if key == "id" else (json.loads(value) if key == "data" else value)
-
-
-def wait_for(client: httpx.Client, job_id: str, timeout: float = 120) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "cancelled") or time.monotonic() > deadline:
-            return job
-        time.sleep(0.1)
-
-
-def all_events(client: httpx.Client, job_id: str) -> list[dict[str, Any]]:
-    page = client.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000}).json()
-    assert page["has_more"] is False
-    return page["data"]
-
-
 def model_info(weights: bytes) -> dict[str, Any]:
     """The "aiaas.model" metadata of a weights file."""
     (length,) = struct.unpack("<Q", weights[:8])
     return json.loads(json.loads(weights[8:8 + length])["__metadata__"]["aiaas.model"])
-
-
-def infer_json(client: httpx.Client, name: str, X: torch.Tensor, path: str = "") -> httpx.Response:
-    body = {"inputs": [{"name": "input", "shape": list(X.shape), "datatype": "FP32", "data": X.reshape(-1).tolist()}]}
-    return client.post(f"/v2/models/{name}{path}/infer", json=body)
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,14 @@ import time
 
 import psutil
 import torch
-from server_fixtures import ServerProcess, aiaas_server  # noqa: F401  (fixture)
-from test_server import all_events, infer_json, sse_frames, wait_for
+from server_fixtures import (  # noqa: F401
+    ServerProcess,
+    aiaas_server,
+    all_events,
+    infer_json,
+    sse_frames,
+    wait_for,
+)
 
 from aiaas_lab.engine.datasets import load_builtin_dataset
 

@@ -20,24 +20,21 @@ import cloudpickle
 import httpx
 import psutil
 import pytest
-from server_fixtures import ServerProcess, start_server
-from test_lifetimes import _alive, _wait_gone
-from test_server import wait_for
+from server_fixtures import (
+    ServerProcess,
+    alive,
+    all_events,
+    start_server,
+    upload,
+    wait_for,
+    wait_gone,
+)
 
 from aiaas_lab.server._executor import CANCEL_GRACE_S
 
 LONG_DDP = {"model": {"builtin": "mlp"}, "data": {"builtin": "digits"},
             "hyperparameters": {"epochs": 500, "batch_size": 16, "workers": 2}}
 QUICK = {"model": {"builtin": "linear"}, "data": {"builtin": "digits"}, "hyperparameters": {"epochs": 1}}
-
-
-def all_events(client: httpx.Client, job_id: str) -> list[dict]:  # type: ignore[type-arg]
-    out: list[dict] = []  # type: ignore[type-arg]
-    while True:
-        page = client.get(f"/v1/jobs/{job_id}/events", params={"after": len(out), "limit": 1000}).json()
-        out += page["data"]
-        if not page["has_more"]:
-            return out
 
 
 def _runners(server: ServerProcess) -> list[psutil.Process]:
@@ -60,23 +57,27 @@ def _wait_events(client: httpx.Client, job_id: str, kind: str, seconds: float, l
         time.sleep(0.1)
 
 
-def _steady_count(server: ServerProcess, expected: int, seconds: float = 30, hold: float = 2.0) -> None:
-    """The runner count reaches `expected` and holds for `hold` seconds (a second refill would
-    show up within milliseconds of the first)."""
+def _steady_count(server: ServerProcess, expected: int, seconds: float = 30) -> None:
+    """The runner count reaches `expected`, exactly one of them idle, and that one is the spare
+    the server last logged starting (it prints a line per spare start). A second refill is a
+    second idle runner: here, or at the next check, never a fixed wait."""
+    jobs_dir = str(server.data_dir / "jobs")
     deadline = time.monotonic() + seconds
-    while len(_runners(server)) != expected:
-        assert time.monotonic() < deadline, [p.cmdline() for p in _runners(server)]
-        time.sleep(0.1)
-    until = time.monotonic() + hold
-    while time.monotonic() < until:
-        assert len(_runners(server)) == expected, [p.cmdline() for p in _runners(server)]
+    while True:
+        runners = alive(_runners(server))
+        idle = [p for p in runners if not _cwd(p).startswith(jobs_dir)]  # a runner with a job is in its dir
+        started = [int(pid) for pid in re.findall(r"spare runner started \(pid (\d+)\)", server.log())]
+        if len(runners) == expected and len(idle) == 1 and started and idle[0].pid == started[-1]:
+            return
+        assert time.monotonic() < deadline, ([p.cmdline() for p in runners], started)
         time.sleep(0.1)
 
 
-def _upload(client: httpx.Client, blob: bytes) -> str:
-    sha = hashlib.sha256(blob).hexdigest()
-    assert client.put(f"/v1/data/{sha}", content=blob).status_code in (200, 201)
-    return sha
+def _cwd(process: psutil.Process) -> str:
+    try:
+        return process.cwd()
+    except psutil.Error:
+        return ""
 
 
 @pytest.mark.slow
@@ -91,7 +92,7 @@ def test_stopping_the_server_mid_ddp_job_leaves_no_process(tmp_path: Path, signu
         assert len(started) >= 4, [p.cmdline() for p in started]  # runner, torchrun, 2 ranks (+ the spare)
         server.process.send_signal(signum)
         server.process.wait(15)
-        left = _wait_gone(started, 10)
+        left = wait_gone(started, 10)
         assert not left, [(p.pid, p.cmdline()) for p in left]
     finally:
         server.stop()
@@ -152,7 +153,7 @@ def test_cancel_kills_a_job_that_ignores_it_and_the_spare_is_refilled_once(tmp_p
             assert all(wait_for(client, j["id"])["status"] == "succeeded" for j in jobs)
             _steady_count(server, 1)
 
-            sha = _upload(client, _hanging_module())
+            sha = upload(client, _hanging_module())
             job = client.post("/v1/jobs", json={"model": {"pickle": sha}, "data": {"builtin": "digits"}}).json()
             _wait_status(client, job["id"], "running", 60, server)
             _steady_count(server, 2)  # the hanging job's runner and the refilled spare
@@ -164,7 +165,7 @@ def test_cancel_kills_a_job_that_ignores_it_and_the_spare_is_refilled_once(tmp_p
             assert final["error"] is None
             assert all_events(client, job["id"])[-1]["event"]["status"] == "stopped"
             _steady_count(server, 1)
-            assert len(_alive(hung)) == 1  # the killed runner is gone, the spare is the one left
+            assert len(alive(hung)) == 1  # the killed runner is gone, the spare is the one left
 
             # The server goes on: the next job runs (on the spare) and a new spare replaces it.
             assert wait_for(client, client.post("/v1/jobs", json=QUICK).json()["id"])["status"] == "succeeded"
@@ -172,7 +173,7 @@ def test_cancel_kills_a_job_that_ignores_it_and_the_spare_is_refilled_once(tmp_p
             assert "ignored its cancel" in server.log()
 
             # A runner that dies: the tenant reads one line, without the server's paths or its log.
-            sha = _upload(client, _crashing_module())
+            sha = upload(client, _crashing_module())
             crashed = wait_for(client, client.post("/v1/jobs", json={"model": {"pickle": sha},
                                                                     "data": {"builtin": "digits"}}).json()["id"])
             assert crashed["status"] == "failed"
@@ -227,9 +228,10 @@ def test_a_store_that_refuses_writes_pauses_jobs_and_answers_503_until_it_is_bac
     try:
         with server.client() as client:
             long = {"model": {"builtin": "mlp"}, "data": {"builtin": "digits"},
-                    "hyperparameters": {"epochs": 400, "batch_size": 16}}
+                    "hyperparameters": {"epochs": 400, "batch_size": 16, "log_every": 1}}
             job = client.post("/v1/jobs", json=long).json()
             _wait_events(client, job["id"], "step", 60, server)
+            runner = next(p for p in _runners(server) if _cwd(p).endswith(job["id"]))  # the job's process
             fault.touch()
             deadline = time.monotonic() + 20
             while (ready := client.get("/v2/health/ready")).status_code == 200:
@@ -242,21 +244,30 @@ def test_a_store_that_refuses_writes_pauses_jobs_and_answers_503_until_it_is_bac
             assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 503
             paused = client.get(f"/v1/jobs/{job['id']}").json()
             assert paused["status"] == "running"  # reads still work; the job waits, it is not lost
-            assert len(_runners(server)) >= 1
+            assert alive([runner]) and _cwd(runner).endswith(job["id"])  # the same process, waiting
+            before = len(all_events(client, job["id"]))
 
             fault.unlink()
             deadline = time.monotonic() + 20
             while client.get("/v2/health/ready").status_code != 200:
                 assert time.monotonic() < deadline, server.log()[-3000:]
                 time.sleep(0.1)
+            deadline = time.monotonic() + 30
+            while len(all_events(client, job["id"])) <= before:  # the same job goes on where it waited
+                assert time.monotonic() < deadline, server.log()[-3000:]
+                time.sleep(0.1)
+            assert alive([runner])
             second = client.post("/v1/jobs", json=QUICK)
             assert second.status_code == 201, second.text
             assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code in (200, 202)
             assert wait_for(client, job["id"], 60)["status"] == "cancelled"
             assert wait_for(client, second.json()["id"], 120)["status"] == "succeeded"  # scheduling resumed
-            events = all_events(client, job["id"])
-            assert [e["id"] for e in events] == list(range(1, len(events) + 1))
-            assert events[-1]["event"]["type"] == "run_ended"
+            events = [e["event"] for e in all_events(client, job["id"])]
+            # No step lost or repeated across the outage (log_every 1: each step reports), one run
+            steps = [e["step"] for e in events if e["type"] == "step"]
+            assert steps == list(range(1, len(steps) + 1)) and len(steps) > 1, steps
+            assert [e["type"] for e in events].count("run_started") == 1
+            assert events[-1]["type"] == "run_ended"
     finally:
         server.stop()
     assert "Traceback" not in server.log()
@@ -315,7 +326,7 @@ def test_a_failure_is_reported_from_its_own_error_without_absolute_paths(tmp_pat
     server = start_server(tmp_path / "data", extra_args=["--allow-code"])
     try:
         with server.client() as client:
-            sha = _upload(client, _misleading_module())
+            sha = upload(client, _misleading_module())
             job = wait_for(client, client.post("/v1/jobs", json={"model": {"pickle": sha},
                                                                 "data": {"builtin": "digits"}}).json()["id"])
     finally:
@@ -355,7 +366,7 @@ def test_ctrl_c_ends_the_server_while_a_forward_pass_hangs(tmp_path: Path) -> No
     server = start_server(tmp_path / "data", extra_args=["--allow-code"])
     try:
         with server.client() as client:
-            sha = _upload(client, _hanging_forward_module(marker))
+            sha = upload(client, _hanging_forward_module(marker))
             job = wait_for(client, client.post("/v1/jobs", json={"model": {"pickle": sha}, "name": "hangs",
                                                                 "data": {"builtin": "digits"}}).json()["id"])
             assert job["status"] == "succeeded", job

@@ -243,6 +243,8 @@ class Executor:
     async def _refill_spare(self) -> None:
         if self._spare is None and not self._stopping and self.max_jobs > 0:
             self._spare = await self._spawn()
+            # one line per spare: the operator (and the tests) can count them
+            print(f"aiaas-lab serve: spare runner started (pid {self._spare.pid})", file=sys.stderr)
 
     async def _launch(self, spec: dict[str, Any]) -> asyncio.subprocess.Process:
         """Start the worker process for one job. The one place a job becomes a process: a
