@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import numpy as np
+import orjson
 import pytest
 import torch
 from safetensors.torch import save
@@ -447,3 +449,34 @@ def test_a_failed_distributed_job_tells_the_tenant_no_server_paths(server: Serve
         assert str(server.data_dir) not in text and str(server.data_dir.resolve()) not in text
         assert not re.search(r"(^|[\s'\"(])/[\w.-]+/", text), text[:500]
         assert "host" not in text and "Traceback" not in text and socket.gethostname() not in text
+
+
+# ---------------------------------------------------------------- built-in models' inference memory
+
+def test_inference_rows_are_bounded_by_what_each_row_makes_the_model_hold(server: ServerProcess) -> None:
+    """A built-in MLP 65,536 wide (the widest a job may ask for) holds ~131k values per row: a
+    request whose rows would make the forward pass hold more than MAX_TOTAL_ELEMENTS is a 400
+    saying how many rows fit, before any of it runs; a request within the bound is served."""
+    from aiaas_lab.engine.export_limits import MAX_TOTAL_ELEMENTS
+
+    with server.client(timeout=120) as client:
+        job = client.post("/v1/jobs", json={"model": {"builtin": "mlp", "config": {"hidden": [65536]}},
+                                            "data": {"builtin": "digits"}, "name": "wide",
+                                            "hyperparameters": {"epochs": 1, "batch_size": 256}}).json()
+        assert wait_for(client, job["id"])["status"] == "succeeded"
+        per_row = 64 + 65536 * 2 + 10  # input, Linear and ReLU outputs, the last Linear's
+        fits = MAX_TOTAL_ELEMENTS // per_row
+
+        def infer(rows: int) -> httpx.Response:
+            raw = np.zeros((rows, 64), dtype="<f4").tobytes()
+            header = orjson.dumps({"inputs": [{"name": "input", "shape": [rows, 64], "datatype": "FP32",
+                                               "parameters": {"binary_data_size": len(raw)}}],
+                                   "outputs": [{"name": "output", "parameters": {"binary_data": True}}]})
+            return client.post("/v2/models/wide/infer", content=header + raw,
+                               headers={"Inference-Header-Content-Length": str(len(header)),
+                                        "Content-Type": "application/octet-stream"})
+
+        refused = infer(fits + 1)
+        assert refused.status_code == 400, refused.text
+        assert f"expected at most {fits} rows" in refused.json()["error"] and "smaller requests" in refused.json()["error"]
+        assert infer(16).status_code == 200

@@ -52,6 +52,7 @@ class Served:
     output_size: int
     scale: Any  # torch.Tensor | None: the training normalizer as x * scale + shift, one fused op
     shift: Any
+    values_per_row: int = 0  # what one input row makes the forward pass hold (its layers' outputs)
 
 
 class Registry:
@@ -143,7 +144,33 @@ class Registry:
             scale, shift = 1.0 / std, -mean / std
         shape = tuple(int(d) for d in info["input_shape"])
         return Served(name=row["name"], version=row["version"], module=module, input_shape=shape,
-                      features=math.prod(shape), output_size=int(info["output_size"]), scale=scale, shift=shift)
+                      features=math.prod(shape), output_size=int(info["output_size"]), scale=scale, shift=shift,
+                      values_per_row=_values_per_row(module, shape))
+
+
+def _values_per_row(module: Any, input_shape: tuple[int, ...]) -> int:
+    """The values one row makes a forward pass hold, from one real row: the outputs of every
+    leaf layer. A request's rows times this is what inference allocates (an MLP 65,536 wide holds
+    twice that per row), so the V2 endpoint can bound it before running it. Exported graphs are
+    also bounded op by op (export_limits); this counts what their leaf modules show."""
+    import torch
+
+    counted = [math.prod(input_shape)]
+
+    def count(_module: Any, _inputs: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor):
+            counted.append(output.numel())
+
+    hooks = [m.register_forward_hook(count) for m in module.modules() if next(m.children(), None) is None]
+    try:
+        with torch.inference_mode():
+            module(torch.zeros((1, *input_shape)))
+    except Exception:  # a model that cannot run one row of zeros: its requests fail with their reason
+        pass
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sum(counted)
 
 
 def _version(version: int | str) -> int:

@@ -28,6 +28,7 @@ from starlette.routing import Route
 
 from .._version import __version__
 from .._errors import AiaasError
+from ..engine.export_limits import MAX_TOTAL_ELEMENTS
 from ._http import ApiError, brief, json_response, parse_json, whole_number
 from ._registry import Registry, Served, tensor_metadata
 
@@ -178,6 +179,11 @@ def _input_tensor(request: Any, binary: bytes, served: Served) -> torch.Tensor:
         raise ApiError(400, f"inputs[0].shape: expected {expected} (rows, then one sample's shape) for model "
                             f"{served.name!r}, but found {brief(shape)}.")
     count = math.prod(shape)
+    if served.values_per_row and shape[0] * served.values_per_row > MAX_TOTAL_ELEMENTS:
+        rows = max(1, MAX_TOTAL_ELEMENTS // served.values_per_row)
+        raise ApiError(400, f"inputs[0].shape: expected at most {rows} rows for model {served.name!r} (each row makes "
+                            f"its forward pass hold {served.values_per_row:,} values; this server's bound is "
+                            f"{MAX_TOTAL_ELEMENTS:,}), but found {shape[0]}. Send the rows in smaller requests.")
     parameters = spec.get("parameters") or {}
     size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
     if size is not None:
