@@ -73,6 +73,7 @@ import torch.distributed as dist
 from ._errors import AiaasError, BadArgument, close_matches, describe
 from .engine.events import Event, RunEnded
 from .engine.job import Hyperparameters, Job, parse_hyperparameters, seeded
+from .engine.job import replace as replace_options
 from .engine.loop import Outcome, fit, resolve_device
 from .engine.prepare import PreparedRun, prepare
 from .engine.ranks import Rank, init_process_group
@@ -161,7 +162,7 @@ def load_job(path: str | os.PathLike[str]) -> _Job:
             options.setdefault(key, raw[key])
     h: Hyperparameters = parse_hyperparameters(options)
     if h.checkpoint:
-        h = replace_struct(h, checkpoint=str(base / h.checkpoint))
+        h = replace_options(h, checkpoint=str(base / h.checkpoint))
 
     events = raw.get("events") or {}
     if not isinstance(events, dict) or set(events) - {"file", "url", "token"}:
@@ -180,12 +181,6 @@ def load_job(path: str | os.PathLike[str]) -> _Job:
         output=file("output", raw["output"]) if raw.get("output") else None,
         stop_file=file("stop_file", raw["stop_file"]) if raw.get("stop_file") else None,
     )
-
-
-def replace_struct(h: Hyperparameters, **changes: Any) -> Hyperparameters:
-    from .engine.job import replace as replace_options
-
-    return replace_options(h, **changes)
 
 
 def _data(value: Any, argument: str, file: Any) -> Any:
@@ -310,7 +305,7 @@ def run_job(job: _Job) -> int:
         chosen = [seeded(h, (read_state(h.checkpoint) or {}).get("seed") if h.resume else None).seed]
         if world > 1:
             dist.broadcast_object_list(chosen, src=0)
-        job = replace(job, job=replace(job.job, hyperparameters=replace_struct(h, seed=chosen[0])))
+        job = replace(job, job=replace(job.job, hyperparameters=replace_options(h, seed=chosen[0])))
     prepared = _prepare(job)
     model, cfg = prepared.module, replace(prepared.config, device=str(device))
     model.to(device)

@@ -127,16 +127,16 @@ def load_model(ref: Any, *, input_shape: tuple[int, ...] = (), output_size: int 
     raise BadArgument("MODEL", '{"builtin": NAME}, {"export": {...}} or {"pickle": ...}', repr(ref)[:80])
 
 
-def prepare(job: Job, *, allow_code: bool = True, remote: bool = False, config: dict[str, Any] | None = None) -> PreparedRun:
+def prepare(job: Job, *, allow_code: bool = True, remote: bool = False) -> PreparedRun:
     """Validate everything before the first step: the options together, the data, the model, and
-    that they fit each other. `config` overrides loop settings the launcher decides (log_every)."""
+    that they fit each other."""
     h = job.hyperparameters
     check_combination(h, has_val=job.val is not None, remote=remote)
     saved = read_state(h.checkpoint) if h.resume else None
     if saved is not None and saved.get("seed") is not None and h.seed is not None and saved["seed"] != h.seed:
         raise BadArgument("--seed", f"the seed the checkpoint was trained with ({saved['seed']}), or no --seed",
                           str(h.seed), "A resumed run must shuffle and split as it started.")
-    cfg = TrainConfig.from_hyperparameters(seeded(h, saved.get("seed") if saved else None), **(config or {}))
+    cfg = TrainConfig.from_hyperparameters(seeded(h, saved.get("seed") if saved else None))
     data = prepare_data(job.data, val=job.val, target=job.target, loss=cfg.loss, normalize=h.normalize,
                         batch_size=cfg.batch_size, seed=cfg.seed)
     if cfg.device not in ("auto", "cpu"):

@@ -34,8 +34,7 @@ from ..engine.job import Job, replace
 from ..engine.loop import resolve_device
 from ..engine.prepare import PreparedRun, prepare
 from .handle import RunHandle, StopSignal
-from .local import result_of
-from .result import TrainResult
+from .result import TrainResult, result_of
 
 __all__ = ["run_processes", "write_worker_job"]
 

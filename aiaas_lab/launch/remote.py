@@ -28,8 +28,7 @@ from ..engine.job import LOCAL_ONLY, Job, check_combination, replace
 from ..engine.models import BUILTIN_MODELS
 from ..engine.prepare import load_model, prepare
 from .handle import RemoteRun, RunHandle
-from .local import result_of
-from .result import TrainResult
+from .result import TrainResult, result_of
 
 __all__ = ["run_remote", "follow_job", "RemoteRun", "client_for", "remember_token", "SERVER_MODELS"]
 

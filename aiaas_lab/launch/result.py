@@ -10,7 +10,7 @@ from typing import Any
 from .._format import format_metric, history_table
 from ..engine.inputs import Preprocessing
 
-__all__ = ["TrainResult", "remember", "preprocessing_of"]
+__all__ = ["TrainResult", "remember", "preprocessing_of", "result_of"]
 
 # Modules trained in this kernel -> what training learned about their inputs, so that
 # `predict(net, X)` on the bare module applies it too. Weak: a dropped module is forgotten.
@@ -76,3 +76,16 @@ class TrainResult:
         error = f"<p style='color:var(--jp-error-color1,#c00)'>{html.escape(self.error)}</p>" if self.error else ""
         return (f"<div class='aiaas-result'><p>{html.escape(self._summary())}</p>{error}"
                 f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>")
+
+
+def result_of(run: Any, *, model: Any, preprocessing: Any, status: str, history: list[dict[str, float]],
+              error: str | None, reason: str, seconds: float, run_id: str, **extra: Any) -> TrainResult:
+    """The TrainResult of a run, from what every launcher has: its events (the engine's own
+    record of the hyperparameters it used) and its outcome."""
+    started = next((e for e in run.events if e.type == "run_started"), None)
+    hyperparameters = dict(started.hyperparameters) if started is not None else {}
+    task = preprocessing.task if preprocessing is not None else (started.task if started else "classification")
+    remember(model, preprocessing)
+    return TrainResult(status=status, history=history, model=model, error=error, reason=reason, seconds=seconds,
+                       run_id=run_id, task=task, classes=preprocessing.classes if preprocessing is not None else None,
+                       hyperparameters=hyperparameters, preprocessing=preprocessing, **extra)
