@@ -222,3 +222,23 @@ def test_a_subscriber_that_raises_fails_the_run_and_leaves_nothing_running(serve
     if where == "remote":
         with httpx.Client(base_url=server.url, headers=server.headers(), timeout=30) as client:
             assert client.get(f"/v1/jobs/{result.job_id}").json()["status"] == "cancelled"
+
+
+def test_momentum_weight_decay_and_log_every_behave_alike_on_every_launcher(server):
+    X, y = torch.randn(256, 4), torch.randint(0, 2, (256,))
+    for where in LAUNCHERS:
+        steps: list[int] = []
+        ended: list[Any] = []
+
+        def watch(event: Any) -> None:
+            if isinstance(event, StepEnd):
+                steps.append(event.step)
+            elif event.type == "run_ended":
+                ended.append(event)
+
+        result = launch(where, server, "mlp", (X, y), epochs=2, optimizer="sgd", momentum=0.5, weight_decay=0.1,
+                        log_every=1, seed=9, callbacks=[watch])
+        assert result.status == "completed", (where, result)
+        h = result.hyperparameters
+        assert (h["momentum"], h["weight_decay"], h["lr"]) == (0.5, 0.1, 0.01), (where, h)
+        assert steps == list(range(1, ended[-1].steps + 1)), (where, steps)  # an event every step
